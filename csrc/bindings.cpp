@@ -1,0 +1,90 @@
+// attrspace._C: thin pybind11 bindings. Arguments are integers (device addresses, sizes, a dtype code,
+// a stream handle), so the module links neither libtorch nor a particular torch ABI.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "attrspace.h"
+
+namespace py = pybind11;
+
+namespace {
+
+#ifdef ATTRSPACE_WITH_CUDA
+constexpr bool kBuiltWithCuda = true;
+constexpr const char* kCudaArchs = ATTRSPACE_CUDA_ARCHS;
+#else
+constexpr bool kBuiltWithCuda = false;
+constexpr const char* kCudaArchs = "";
+#endif
+
+attrspace::DType to_dtype(int32_t code) {
+  if (code < 0 || code > 2) {
+    throw std::invalid_argument("dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16), got " +
+                                std::to_string(code));
+  }
+  return static_cast<attrspace::DType>(code);
+}
+
+void check_sizes(int64_t tokens, int64_t d_in, int64_t d_out, int64_t rank) {
+  if (tokens < 0 || d_in <= 0 || d_out <= 0 || rank <= 0 || rank > attrspace::kMaxRank) {
+    throw std::invalid_argument("sizes must satisfy tokens >= 0, d_in > 0, d_out > 0, 0 < K <= " +
+                                std::to_string(attrspace::kMaxRank));
+  }
+}
+
+template <typename T>
+T* as_ptr(std::uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "attrspace native kernels (raw pointers, sizes and streams; no libtorch)";
+
+  m.def("build_info", [] {
+    py::dict info;
+    info["built_with_cuda"] = kBuiltWithCuda;
+    info["cuda_archs"] = std::string(kCudaArchs);
+    info["max_rank"] = attrspace::kMaxRank;
+    return info;
+  });
+
+  m.def(
+      "subspace_forward",
+      [](std::uintptr_t x, std::uintptr_t w, std::uintptr_t bias, std::uintptr_t v, std::uintptr_t p,
+         std::uintptr_t y, std::uintptr_t z, int64_t tokens, int64_t d_in, int64_t d_out, int64_t rank,
+         int32_t dtype, std::uintptr_t stream) {
+        check_sizes(tokens, d_in, d_out, rank);
+        attrspace::SubspaceForwardParams params{as_ptr<const void>(x), as_ptr<const void>(w),
+                                                as_ptr<const void>(bias), as_ptr<const void>(v),
+                                                as_ptr<const float>(p), as_ptr<void>(y),
+                                                as_ptr<void>(z), tokens, d_in, d_out, rank,
+                                                to_dtype(dtype)};
+        py::gil_scoped_release release;
+        attrspace::subspace_forward_cuda(params, stream);
+      },
+      py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("v"), py::arg("p"), py::arg("y"),
+      py::arg("z"), py::arg("tokens"), py::arg("d_in"), py::arg("d_out"), py::arg("rank"),
+      py::arg("dtype"), py::arg("stream"));
+
+  m.def(
+      "subspace_backward",
+      [](std::uintptr_t dy, std::uintptr_t w, std::uintptr_t u, std::uintptr_t q, std::uintptr_t dx,
+         std::uintptr_t g, int64_t tokens, int64_t d_in, int64_t d_out, int64_t rank, int32_t dtype,
+         std::uintptr_t stream) {
+        check_sizes(tokens, d_in, d_out, rank);
+        attrspace::SubspaceBackwardParams params{as_ptr<const void>(dy), as_ptr<const void>(w),
+                                                 as_ptr<const void>(u), as_ptr<const float>(q),
+                                                 as_ptr<void>(dx), as_ptr<float>(g), tokens, d_in,
+                                                 d_out, rank, to_dtype(dtype)};
+        py::gil_scoped_release release;
+        attrspace::subspace_backward_cuda(params, stream);
+      },
+      py::arg("dy"), py::arg("w"), py::arg("u"), py::arg("q"), py::arg("dx"), py::arg("g"),
+      py::arg("tokens"), py::arg("d_in"), py::arg("d_out"), py::arg("rank"), py::arg("dtype"),
+      py::arg("stream"));
+}
