@@ -1,0 +1,165 @@
+"""Sizes and switches of a VGGT-compatible model.
+
+`VGGTConfig.vggt_1b()` gives the official VGGT-1B sizes (its state dict matches the released
+checkpoint); `tiny()` and `small()` keep the same module structure and key names at sizes that train
+on a CPU in milliseconds (tests) or seconds (demos).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class VGGTConfig:
+    """Every size of the model. Names of the official constructor arguments where one exists.
+
+    The DINO width equals the aggregator width (`embed_dim`) because patch tokens enter the
+    aggregator without a projection. Heads read the concatenation of a frame and a global block's
+    output, so they work at width `2 * embed_dim`.
+    """
+
+    # Images and patch encoder (DINOv2 with registers).
+    img_size: int = 518  # the grid of the learned position embedding: (img_size / patch)^2 + 1
+    patch_size: int = 14
+    embed_dim: int = 1024
+    num_register_tokens: int = 4
+    dino_depth: int = 24
+    dino_num_heads: int = 16
+    dino_init_values: float = 1.0  # LayerScale init in DINO blocks (learned values are loaded)
+
+    # Aggregator: `depth` frame blocks alternating with `depth` global blocks.
+    depth: int = 24
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    init_values: float = 0.01
+    rope_freq: float = 100.0
+
+    # Camera head.
+    camera_trunk_depth: int = 4
+    camera_num_heads: int = 16
+    camera_iterations: int = 4
+
+    # Depth and point DPT heads.
+    dpt_features: int = 256
+    dpt_out_channels: tuple[int, int, int, int] = (256, 512, 1024, 1024)
+    dpt_layers: tuple[int, int, int, int] = (4, 11, 17, 23)
+    dpt_frames_chunk: int = 8
+
+    # Which heads exist. The paper fine-tunes with camera + depth only (no point head).
+    enable_camera: bool = True
+    enable_depth: bool = True
+    enable_point: bool = True
+
+    # Recompute each aggregator block in the backward pass instead of storing its activations.
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        positive = {
+            "img_size": self.img_size,
+            "patch_size": self.patch_size,
+            "embed_dim": self.embed_dim,
+            "dino_depth": self.dino_depth,
+            "dino_num_heads": self.dino_num_heads,
+            "depth": self.depth,
+            "num_heads": self.num_heads,
+            "camera_trunk_depth": self.camera_trunk_depth,
+            "camera_num_heads": self.camera_num_heads,
+            "camera_iterations": self.camera_iterations,
+            "dpt_features": self.dpt_features,
+            "dpt_frames_chunk": self.dpt_frames_chunk,
+        }
+        for name, value in positive.items():
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"VGGTConfig.{name} must be a positive int, got {value!r}")
+        if self.num_register_tokens < 0:
+            raise ValueError(
+                f"VGGTConfig.num_register_tokens must be >= 0, got {self.num_register_tokens}"
+            )
+        if self.img_size % self.patch_size:
+            raise ValueError(
+                f"img_size {self.img_size} must be a multiple of patch_size {self.patch_size}"
+            )
+        for name, heads in (("num_heads", self.num_heads), ("dino_num_heads", self.dino_num_heads)):
+            if self.embed_dim % heads:
+                raise ValueError(f"embed_dim {self.embed_dim} is not divisible by {name} {heads}")
+        # 2-D RoPE rotates two halves of every head, each by pairs of channels.
+        if (self.embed_dim // self.num_heads) % 4:
+            raise ValueError(
+                f"aggregator head dim {self.embed_dim // self.num_heads} must be divisible by 4 "
+                "(2-D RoPE splits it into two rotated halves)"
+            )
+        if (2 * self.embed_dim) % self.camera_num_heads:
+            raise ValueError(
+                f"camera head width {2 * self.embed_dim} is not divisible by camera_num_heads "
+                f"{self.camera_num_heads}"
+            )
+        if len(self.dpt_out_channels) != 4 or len(self.dpt_layers) != 4:
+            raise ValueError("dpt_out_channels and dpt_layers must have exactly 4 entries each")
+        if any(c <= 0 for c in self.dpt_out_channels):
+            raise ValueError(f"dpt_out_channels must be positive, got {self.dpt_out_channels}")
+        bad = [i for i in self.dpt_layers if not 0 <= i < self.depth]
+        if bad:
+            raise ValueError(f"dpt_layers {self.dpt_layers} out of range for depth {self.depth}")
+        if self.dpt_features < 2:
+            raise ValueError("dpt_features must be >= 2 (output_conv1 halves it)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def patch_start_idx(self) -> int:
+        """Index of the first patch token in an aggregator frame: camera token + registers."""
+        return 1 + self.num_register_tokens
+
+    def replace(self, **changes) -> VGGTConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def vggt_1b(cls, **changes) -> VGGTConfig:
+        """The official VGGT-1B sizes (all defaults)."""
+        return cls(**changes)
+
+    @classmethod
+    def tiny(cls, **changes) -> VGGTConfig:
+        """Same structure at width 64 and depth 2: a forward + backward of a few 28-56 px frames
+        takes milliseconds on a CPU. Test images: 28x28, 42x42 or 42x56."""
+        base = dict(
+            img_size=56,
+            embed_dim=64,
+            dino_depth=2,
+            dino_num_heads=4,
+            depth=2,
+            num_heads=4,
+            camera_trunk_depth=1,
+            camera_num_heads=4,
+            camera_iterations=4,
+            dpt_features=16,
+            dpt_out_channels=(16, 32, 64, 64),
+            dpt_layers=(0, 1, 1, 1),
+        )
+        base.update(changes)
+        return cls(**base)
+
+    @classmethod
+    def small(cls, **changes) -> VGGTConfig:
+        """Width 128, depth 4: for CPU demos at 56-112 px (a few M parameters)."""
+        base = dict(
+            img_size=112,
+            embed_dim=128,
+            dino_depth=2,
+            dino_num_heads=4,
+            depth=4,
+            num_heads=4,
+            camera_trunk_depth=2,
+            camera_num_heads=4,
+            camera_iterations=4,
+            dpt_features=32,
+            dpt_out_channels=(32, 64, 128, 128),
+            dpt_layers=(0, 1, 2, 3),
+        )
+        base.update(changes)
+        return cls(**base)

@@ -1,0 +1,97 @@
+"""The adapter math in plain torch: the truth in tests and the `torch` backend's implementation.
+
+Notation (design section 2), T tokens, K the subspace rank:
+    z = x V              (T, K)      projection of the input onto the frozen row basis
+    P = s U M            (d_out, K)  the adapter's output map, formed in fp32 by the caller
+    y = x W^T + b + z P^T
+    g = dy U             (T, K)
+    Q = s V M^T          (d_in, K)   formed in fp32 by the caller
+    dx = dy W + g Q^T
+    dM = s g^T z         (K, K)
+
+Every backend forms y and dx in fp32 and rounds once to the input dtype, so a small adapter term survives
+in bf16 (added to an already-rounded bf16 base output, about half of a 1e-3 contribution would be lost).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype adapter terms are accumulated in: fp64 for fp64 inputs, fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def unavailable_reason() -> str | None:
+    """The torch backend runs everywhere."""
+    return None
+
+
+def unsupported_reasons(x: Tensor, weight: Tensor, rank: int) -> list[str]:
+    """The torch backend runs any floating dtype, device and size."""
+    return []
+
+
+def forward(
+    x: Tensor, weight: Tensor, bias: Tensor | None, V: Tensor, P: Tensor
+) -> tuple[Tensor, Tensor]:
+    """y = x W^T + b + z P^T and z = x V, accumulated in fp32, each rounded once to x.dtype.
+
+    x: (T, d_in); weight: (d_out, d_in); bias: (d_out,) or None; V: (d_in, K) in x.dtype;
+    P: (d_out, K) fp32. Returns y: (T, d_out) and z: (T, K), both x.dtype.
+    """
+    if x.dtype in _LOW_PRECISION:
+        x32 = x.float()
+        z32 = x32 @ V.float()
+        w32 = weight.float().t()
+        y32 = torch.addmm(bias.float(), x32, w32) if bias is not None else x32 @ w32
+        y32 = torch.addmm(y32, z32, P.t())
+        return y32.to(x.dtype), z32.to(x.dtype)
+    # fp32 (and fp64): fold the adapter into an effective weight on the fly. At T tokens it costs
+    # d_out*d_in*K flops instead of T*d_out*K; the fold is a temporary, never written to the layer.
+    z = x @ V
+    w_eff = torch.addmm(weight, P.to(x.dtype), V.t())
+    y = torch.addmm(bias, x, w_eff.t()) if bias is not None else x @ w_eff.t()
+    return y, z
+
+
+def backward(
+    dy: Tensor, weight: Tensor, U: Tensor, Q: Tensor, need_dx: bool
+) -> tuple[Tensor | None, Tensor]:
+    """dx = dy W + g Q^T (or None when not needed) and g = dy U in fp32.
+
+    dy: (T, d_out); weight: (d_out, d_in); U: (d_out, K) in dy.dtype; Q = s V M^T: (d_in, K) fp32.
+    Returns dx: (T, d_in) dy.dtype and g: (T, K) fp32.
+    """
+    if dy.dtype in _LOW_PRECISION:
+        dy32 = dy.float()
+        g = dy32 @ U.float()
+        dx = torch.addmm(dy32 @ weight.float(), g, Q.t()).to(dy.dtype) if need_dx else None
+        return dx, g
+    # Unlike the forward, no fold here: g is needed for dM anyway, so g Q^T costs only T*d_in*K more.
+    g = dy @ U
+    dx = torch.addmm(dy @ weight, g, Q.to(dy.dtype).t()) if need_dx else None
+    return dx, g.to(accum_dtype(dy.dtype))
+
+
+def grad_m(g: Tensor, z: Tensor, scale: float) -> Tensor:
+    """dM = s g^T z in g's dtype. g: (T, K) fp32 (fp64), z: (T, K) -> (K, K)."""
+    return scale * (g.t() @ z.to(g.dtype))
+
+
+def dense_subspace_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, U: Tensor, V: Tensor, M: Tensor, scale: float
+) -> Tensor:
+    """The textbook formula y = x (W + s U M V^T)^T + b, autograd-differentiable; for tests only."""
+    delta = scale * (U @ M @ V.t())
+    y = x @ (weight + delta).t()
+    return y + bias if bias is not None else y
+
+
+def lora_delta(A: Tensor, B: Tensor, scale: float) -> Tensor:
+    """LoRA update s B A. A: (r, d_in), B: (d_out, r) -> (d_out, d_in)."""
+    return scale * (B @ A)
