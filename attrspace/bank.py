@@ -242,3 +242,35 @@ def _validate_layer(name: str, layer: LayerSubspace, n_attributes: int, orthonor
             err = (t64.t() @ t64 - torch.eye(t.shape[1], dtype=torch.float64, device=t.device)).abs().max()
             if float(err) > tol:
                 raise ValueError(f"layer {name}: {label} is declared orthonormal but |{label}^T {label} - I| = {float(err):.2e} > {tol:g}")
+
+
+def random_bank(
+    shapes: dict[str, tuple[int, int]],
+    rank: int,
+    *,
+    scale: float = 1.0,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> SubspaceBank:
+    """A bank of random orthonormal bases (the RANDOM control), K = `rank` columns per layer.
+
+    shapes: layer name -> (d_out, d_in). Deterministic for a given seed.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    layers = {}
+    for name, (d_out, d_in) in shapes.items():
+        if rank > min(d_out, d_in):
+            raise ValueError(f"layer {name}: K={rank} exceeds min(d_out, d_in) = {min(d_out, d_in)}")
+        U = torch.linalg.qr(torch.randn(d_out, rank, generator=generator, dtype=torch.float64))[0]
+        V = torch.linalg.qr(torch.randn(d_in, rank, generator=generator, dtype=torch.float64))[0]
+        layers[name] = LayerSubspace(U.to(dtype), V.to(dtype), torch.zeros(rank, dtype=torch.int64))
+    return SubspaceBank(layers, attributes=("random",), model_config="random", scale=scale, orthonormal=True)
+
+
+def linear_shapes(model: torch.nn.Module, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    """(d_out, d_in) of every plain nn.Linear whose name equals or ends with one of `targets`."""
+    return {
+        name: (m.out_features, m.in_features)
+        for name, m in model.named_modules()
+        if type(m) is torch.nn.Linear and any(name == t or name.endswith("." + t) for t in targets)
+    }

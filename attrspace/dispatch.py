@@ -19,6 +19,8 @@ from types import ModuleType
 
 from torch import Tensor
 
+from . import reference
+
 _MODULES = {
     "torch": "attrspace.reference",
     "triton": "attrspace._triton_backend",
@@ -33,20 +35,40 @@ def names() -> tuple[str, ...]:
     return tuple(_MODULES)
 
 
+# Imported implementations and their availability, filled on first use. torch.compile cannot trace an
+# import, so `preload` fills both before any tracing (the adapter modules call it when built); afterwards
+# `select` is plain dict lookups and metadata checks, which trace.
+_LOADED: dict[str, ModuleType] = {"torch": reference}
+_UNAVAILABLE: dict[str, str | None] = {"torch": None}
+
+
 def implementation(name: str) -> ModuleType:
     """The module implementing backend `name` (imported on first use)."""
-    if name not in _MODULES:
-        raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {sorted(_MODULES)}")
-    return importlib.import_module(_MODULES[name])
+    module = _LOADED.get(name)
+    if module is None:
+        if name not in _MODULES:
+            raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {sorted(_MODULES)}")
+        module = _LOADED[name] = importlib.import_module(_MODULES[name])
+    return module
 
 
 def unavailable_reason(name: str) -> str | None:
-    """None when backend `name` can run on this machine, else the reason it cannot."""
-    try:
-        module = implementation(name)
-    except ImportError as exc:
-        return f"its implementation could not be imported ({exc})"
-    return module.unavailable_reason()
+    """None when backend `name` can run on this machine, else the reason it cannot (cached)."""
+    if name not in _UNAVAILABLE:
+        try:
+            reason = implementation(name).unavailable_reason()
+        except ImportError as exc:
+            reason = f"its implementation could not be imported ({exc})"
+        _UNAVAILABLE[name] = reason
+    return _UNAVAILABLE[name]
+
+
+def preload(requested: str) -> None:
+    """Import what `select(requested, ...)` may need; raises ValueError for an unknown name."""
+    if requested != "auto" and requested not in _MODULES:
+        raise ValueError(f"unknown backend {requested!r}; expected 'auto' or one of {sorted(_MODULES)}")
+    for name in _MODULES if requested == "auto" else (requested,):
+        unavailable_reason(name)
 
 
 def backends() -> dict[str, str]:

@@ -118,6 +118,8 @@ def subspace_linear(
         x, weight, U, V = (t.to(dtype) for t in (x, weight, U, V))
         bias = bias.to(dtype) if bias is not None else None
     _check(x, weight, bias, U, V, M)
+    if not torch.compiler.is_compiling():
+        dispatch.preload(backend)
     name = dispatch.select(backend, x, weight, M.shape[0])
     with torch.autocast(device_type, enabled=False):
         y = SubspaceLinearFn.apply(x, weight, bias, U, V, M, float(scale), name)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import dispatch
 from .functional import subspace_linear
 
 
@@ -67,6 +68,7 @@ class SubspaceLinear(nn.Linear):
         self.register_buffer("V", torch.zeros(in_features, rank, **factory))
         m_dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
         self.M = nn.Parameter(torch.zeros(rank, rank, device=self.weight.device, dtype=m_dtype))
+        dispatch.preload(backend)  # also rejects an unknown name at construction
         self.scale = float(scale)
         self.backend = backend
         self.last_backend: str | None = None
@@ -88,8 +90,8 @@ class SubspaceLinear(nn.Linear):
         )
         _share_base(module, linear)
         factory = {"device": linear.weight.device, "dtype": linear.weight.dtype}
-        module.U = U.detach().to(**factory).clone()
-        module.V = V.detach().to(**factory).clone()
+        module.U = U.detach().to(**factory).clone(memory_format=torch.contiguous_format)
+        module.V = V.detach().to(**factory).clone(memory_format=torch.contiguous_format)
         m_dtype = torch.float64 if linear.weight.dtype == torch.float64 else torch.float32
         module.M = nn.Parameter(torch.zeros(U.shape[1], U.shape[1], device=factory["device"], dtype=m_dtype))
         return module

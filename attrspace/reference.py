@@ -72,9 +72,10 @@ def backward(
         g = dy32 @ U.float()
         dx = torch.addmm(dy32 @ weight.float(), g, Q.t()).to(dy.dtype) if need_dx else None
         return dx, g
-    # Unlike the forward, no fold here: g is needed for dM anyway, so g Q^T costs only T*d_in*K more.
+    # Fold again: U Q^T = s U M V^T, so dx = dy (W + U Q^T) is one GEMM (d_out*d_in*K flops to fold,
+    # against T*d_in*K for g Q^T plus an extra pass over dx).
     g = dy @ U
-    dx = torch.addmm(dy @ weight, g, Q.to(dy.dtype).t()) if need_dx else None
+    dx = dy @ torch.addmm(weight, U, Q.to(dy.dtype).t()) if need_dx else None
     return dx, g.to(accum_dtype(dy.dtype))
 
 

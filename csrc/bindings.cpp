@@ -50,6 +50,7 @@ PYBIND11_MODULE(_C, m) {
     info["built_with_cuda"] = kBuiltWithCuda;
     info["cuda_archs"] = std::string(kCudaArchs);
     info["max_rank"] = attrspace::kMaxRank;
+    info["cuda_request"] = std::string(ATTRSPACE_CUDA_REQUEST);
     return info;
   });
 

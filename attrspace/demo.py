@@ -1,0 +1,133 @@
+"""A small ViT-like model and the built-in demo: inject a bank, train M, compare with LoRA."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .bank import linear_shapes, random_bank
+from .inject import inject, inject_lora
+from .profiling import saved_activation_bytes, time_steps
+
+ADAPTED = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv Linear, as in VGGT / DINOv2 blocks."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, mlp_ratio * dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyViT(nn.Module):
+    """Patch embedding + `depth` pre-norm transformer blocks + a linear head; tokens in, tokens out."""
+
+    def __init__(self, dim: int = 128, depth: int = 4, heads: int = 4, mlp_ratio: int = 4, in_dim: int = 48) -> None:
+        super().__init__()
+        self.embed = nn.Linear(in_dim, dim)
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, in_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+@dataclass
+class DemoRow:
+    method: str
+    trainable: int
+    step_ms: float
+    saved_mib: float
+    loss_start: float
+    loss_end: float
+
+
+def _train(model: nn.Module, batch: Tensor, target: Tensor, steps: int, lr: float) -> DemoRow:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    losses = []
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = F.mse_loss(model(batch), target)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+
+    step_s = time_steps(step, steps=steps, warmup=1)
+    saved = saved_activation_bytes(model, lambda: model(batch))
+    return DemoRow("", sum(p.numel() for p in params), 1e3 * step_s, saved / 2**20, losses[0], losses[-1])
+
+
+def run_demo(
+    dim: int = 256, depth: int = 4, tokens: int = 1024, rank: int = 16, lora_rank: int = 16,
+    steps: int = 8, seed: int = 0,
+) -> list[DemoRow]:
+    """Train the same task with a mined-style bank (random orthonormal here) and with LoRA."""
+    torch.manual_seed(seed)
+    base = TinyViT(dim=dim, depth=depth, heads=max(1, dim // 64))
+    batch = torch.randn(2, tokens // 2, 48)
+    with torch.no_grad():
+        target = base(batch) + 0.1 * torch.randn(2, tokens // 2, 48)
+    rows = []
+    sub = copy.deepcopy(base)
+    bank = random_bank(linear_shapes(sub, ADAPTED), rank, scale=2.0, seed=seed)
+    report = inject(sub, bank)
+    row = _train(sub, batch, target, steps, lr=1e-2)
+    row.method = f"subspace K={rank} ({len(report.layers)} layers)"
+    rows.append(row)
+    lora = copy.deepcopy(base)
+    report = inject_lora(lora, ADAPTED, rank=lora_rank, alpha=2 * lora_rank)
+    row = _train(lora, batch, target, steps, lr=1e-3)
+    row.method = f"LoRA r={lora_rank} ({len(report.layers)} layers)"
+    rows.append(row)
+    return rows
+
+
+def format_rows(rows: list[DemoRow]) -> str:
+    lines = [f"{'method':<36}{'trainable':>11}{'step ms':>10}{'saved MiB':>11}{'loss start':>12}{'loss end':>10}"]
+    for r in rows:
+        lines.append(
+            f"{r.method:<36}{r.trainable:>11,}{r.step_ms:>10.1f}{r.saved_mib:>11.2f}{r.loss_start:>12.4f}{r.loss_end:>10.4f}"
+        )
+    return "\n".join(lines)

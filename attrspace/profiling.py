@@ -1,0 +1,57 @@
+"""Measuring what autograd keeps for backward, and step times."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+
+def _storage_key(t: Tensor) -> tuple[str, int]:
+    return (str(t.device), t.untyped_storage().data_ptr())
+
+
+def saved_tensor_records(fn: Callable[[], Tensor], exclude: Iterable[Tensor] = ()) -> list[tuple[tuple[int, ...], torch.dtype, int]]:
+    """Run `fn` (a forward pass) and list every distinct tensor autograd saved for backward.
+
+    Tensors sharing storage with anything in `exclude` (a model's parameters and buffers: they are not
+    activations) are skipped; storages saved twice are counted once. Returns (shape, dtype, bytes).
+    """
+    excluded = {_storage_key(t) for t in exclude}
+    seen: set[tuple[str, int]] = set()
+    records = []
+
+    def pack(t: Tensor):
+        key = _storage_key(t)
+        if key not in excluded and key not in seen:
+            seen.add(key)
+            records.append((tuple(t.shape), t.dtype, t.untyped_storage().nbytes()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return records
+
+
+def saved_activation_bytes(model: nn.Module, fn: Callable[[], Tensor]) -> int:
+    """Bytes of activations autograd keeps for the backward of `fn()`, excluding the model's own tensors."""
+    own = [*model.parameters(), *model.buffers()]
+    return sum(nbytes for _, _, nbytes in saved_tensor_records(fn, own))
+
+
+def time_steps(step: Callable[[], None], steps: int, warmup: int = 1) -> float:
+    """Median wall time of `step()` in seconds (synchronising CUDA when present)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]

@@ -1,0 +1,118 @@
+"""LoRA factors in peft's on-disk layout."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from attrspace import AdapterFileError, inject_lora, load_peft, load_peft_into, lora_state, save_peft
+from attrspace.demo import ADAPTED, TinyViT
+
+
+def trained_lora_model(seed=0):
+    torch.manual_seed(seed)
+    model = TinyViT(dim=32, depth=2, heads=2, in_dim=12)
+    inject_lora(model, ADAPTED, rank=4, alpha=8)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+    return model
+
+
+def test_round_trip_through_a_fresh_model(tmp_path):
+    model = trained_lora_model()
+    save_peft(model, tmp_path / "adapter", base_model_name_or_path="tiny-vit")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+    assert len(config["target_modules"]) == 8
+    factors = load_peft(tmp_path / "adapter")
+    assert set(factors) == set(lora_state(model))
+    assert factors["blocks.0.attn.qkv"].A.shape == (4, 32) and factors["blocks.0.attn.qkv"].scale == 2.0
+    fresh = trained_lora_model(seed=1)
+    load_peft_into(fresh, factors)
+    x = torch.randn(2, 5, 12)
+    # Same base weights (seed 0 vs 1 differ), so compare the adapter parts only.
+    for name, f in factors.items():
+        got = fresh.get_submodule(name)
+        assert torch.equal(got.lora_A.weight, f.A) and torch.equal(got.lora_B.weight, f.B)
+    assert fresh(x).shape == (2, 5, 12)
+
+
+def test_factor_form(tmp_path):
+    model = trained_lora_model()
+    layer = model.get_submodule("blocks.1.mlp.fc1")
+    f = lora_state(model)["blocks.1.mlp.fc1"]
+    P, Q = f.left_right()
+    torch.testing.assert_close(P @ Q.t(), layer.delta_weight())
+
+
+def write_adapter(folder, tensors, **config):
+    folder.mkdir(parents=True, exist_ok=True)
+    base = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q"]}
+    base.update(config)
+    (folder / "adapter_config.json").write_text(json.dumps(base))
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+
+
+def test_reads_peft_variants(tmp_path):
+    tensors = {
+        "base_model.model.enc.q.lora_A.weight": torch.randn(2, 6),
+        "base_model.model.enc.q.lora_B.weight": torch.randn(5, 2),
+        "base_model.model.enc.k.lora_A.weight": torch.randn(3, 6),
+        "base_model.model.enc.k.lora_B.weight": torch.randn(5, 3),
+        "base_model.model.head.conv.lora_A.weight": torch.randn(2, 4, 3, 3),
+        "base_model.model.head.conv.lora_B.weight": torch.randn(7, 2, 1, 1),
+    }
+    write_adapter(tmp_path / "a", tensors, rank_pattern={"k": 3}, alpha_pattern={"k": 12})
+    factors = load_peft(tmp_path / "a")
+    assert factors["enc.q"].scale == 2.0 and factors["enc.k"].scale == 4.0
+    assert factors["head.conv"].left_right()[0].shape == (7, 2)
+    write_adapter(tmp_path / "b", tensors, rank_pattern={"k": 3}, use_rslora=True)
+    assert load_peft(tmp_path / "b")["enc.q"].scale == pytest.approx(4 / 2**0.5)  # alpha / sqrt(r)
+
+
+@pytest.mark.parametrize(
+    ("tensors", "config", "message"),
+    [
+        ({"base_model.model.q.lora_A.weight": torch.randn(2, 6)}, {}, r"layer q: has only lora_\['A'\]"),
+        ({"base_model.model.q.lora_A.weight": torch.randn(3, 6), "base_model.model.q.lora_B.weight": torch.randn(5, 3)}, {}, "do not fit rank 2"),
+        ({"base_model.model.q.lora_A.weight": torch.full((2, 6), float("inf")), "base_model.model.q.lora_B.weight": torch.randn(5, 2)}, {}, "NaN or Inf"),
+        ({"base_model.model.q.weight": torch.randn(2, 6)}, {}, "not a LoRA A/B weight"),
+        ({"base_model.model.q.lora_A.weight": torch.randn(2, 6), "base_model.model.q.lora_B.weight": torch.randn(5, 2)}, {"peft_type": "IA3"}, "expected 'LORA'"),
+    ],
+    ids=["missing-B", "rank", "inf", "stray-key", "not-lora"],
+)
+def test_bad_adapters(tmp_path, tensors, config, message):
+    write_adapter(tmp_path / "x", tensors, **config)
+    with pytest.raises(AdapterFileError, match=message):
+        load_peft(tmp_path / "x")
+
+
+def test_missing_files(tmp_path):
+    with pytest.raises(AdapterFileError, match="cannot read the adapter config"):
+        load_peft(tmp_path)
+
+
+def test_files_written_by_peft_itself_load(tmp_path):
+    """The layout check against the real peft package (a test dependency)."""
+    peft = pytest.importorskip("peft", reason="peft is an optional dependency; CI installs it")
+    torch.manual_seed(0)
+    base = TinyViT(dim=32, depth=2, heads=2, in_dim=12)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["qkv", "proj", "fc1", "fc2"], init_lora_weights=True)
+    peft_model = peft.get_peft_model(base, config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+    x = torch.randn(2, 5, 12)
+    expected = peft_model(x)
+    peft_model.save_pretrained(str(tmp_path))
+    factors = load_peft(tmp_path)
+    assert set(factors) == {f"blocks.{i}.{n}" for i in range(2) for n in ADAPTED}
+    torch.manual_seed(0)
+    ours = TinyViT(dim=32, depth=2, heads=2, in_dim=12)
+    inject_lora(ours, ADAPTED, rank=4, alpha=8)
+    load_peft_into(ours, factors)
+    torch.testing.assert_close(ours(x), expected)
