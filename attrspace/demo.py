@@ -82,6 +82,12 @@ class DemoRow:
     loss_end: float
 
 
+def _unit_low_rank(shape: torch.Size, rank: int) -> Tensor:
+    """A random matrix of the given rank and unit Frobenius norm."""
+    update = torch.randn(shape[0], rank) @ torch.randn(rank, shape[1])
+    return update / update.norm()
+
+
 def _train(model: nn.Module, batch: Tensor, target: Tensor, steps: int, lr: float) -> DemoRow:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
@@ -92,7 +98,7 @@ def _train(model: nn.Module, batch: Tensor, target: Tensor, steps: int, lr: floa
         loss = F.mse_loss(model(batch), target)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
 
     step_s = time_steps(step, steps=steps, warmup=1)
     saved = saved_activation_bytes(model, lambda: model(batch))
@@ -107,8 +113,13 @@ def run_demo(
     torch.manual_seed(seed)
     base = TinyViT(dim=dim, depth=depth, heads=max(1, dim // 64))
     batch = torch.randn(2, tokens // 2, 48)
+    # The task: match a teacher whose adapted layers moved by a random low-rank update.
+    teacher = copy.deepcopy(base)
     with torch.no_grad():
-        target = base(batch) + 0.1 * torch.randn(2, tokens // 2, 48)
+        for name in linear_shapes(teacher, ADAPTED):
+            w = teacher.get_submodule(name).weight
+            w += 0.2 * w.norm() * _unit_low_rank(w.shape, 4)
+        target = teacher(batch)
     rows = []
     sub = copy.deepcopy(base)
     bank = random_bank(linear_shapes(sub, ADAPTED), rank, scale=2.0, seed=seed)
