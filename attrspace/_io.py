@@ -31,11 +31,15 @@ def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
             metadata = f.metadata() or {}
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {exc}") from exc
+        raise ValueError(
+            f"{path}: not a readable safetensors file (truncated or corrupt?): {exc}"
+        ) from exc
     return tensors, metadata
 
 
-def atomic_save_safetensors(tensors: dict[str, Tensor], metadata: dict[str, str] | None, path: Path) -> None:
+def atomic_save_safetensors(
+    tensors: dict[str, Tensor], metadata: dict[str, str] | None, path: Path
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)

@@ -25,8 +25,15 @@ from torch import Tensor
 from ._io import atomic_save_safetensors, checksum, read_safetensors
 
 SCHEMA_VERSION = 1
-_ORTHONORMAL_TOL = {torch.float64: 1e-8, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
-_OFFICIAL_KEY = re.compile(r"^(frame_blocks|global_blocks)\.(attn|mlp)\.(qkv|proj|fc1|fc2)\.(\d+)\.(A|B)$")
+_ORTHONORMAL_TOL = {
+    torch.float64: 1e-8,
+    torch.float32: 1e-4,
+    torch.bfloat16: 3e-2,
+    torch.float16: 5e-3,
+}
+_OFFICIAL_KEY = re.compile(
+    r"^(frame_blocks|global_blocks)\.(attn|mlp)\.(qkv|proj|fc1|fc2)\.(\d+)\.(A|B)$"
+)
 
 
 class BankFileError(ValueError):
@@ -85,7 +92,7 @@ class SubspaceBank:
     def ranks(self, name: str) -> dict[str, int]:
         """Columns per attribute in layer `name`."""
         counts = torch.bincount(self.layers[name].column_attribute, minlength=len(self.attributes))
-        return {a: int(c) for a, c in zip(self.attributes, counts)}
+        return {a: int(c) for a, c in zip(self.attributes, counts, strict=False)}
 
     def trainable_params(self) -> int:
         return sum(layer.rank**2 for layer in self.layers.values())
@@ -98,7 +105,9 @@ class SubspaceBank:
         for name, layer in self.layers.items():
             tensors[f"layers.{name}.U"] = layer.U.detach().cpu().contiguous()
             tensors[f"layers.{name}.V"] = layer.V.detach().cpu().contiguous()
-            tensors[f"layers.{name}.column_attribute"] = layer.column_attribute.cpu().to(torch.int64)
+            tensors[f"layers.{name}.column_attribute"] = layer.column_attribute.cpu().to(
+                torch.int64
+            )
             if layer.singular_values is not None:
                 tensors[f"layers.{name}.singular_values"] = layer.singular_values.detach().cpu()
         header = {
@@ -109,7 +118,7 @@ class SubspaceBank:
             "orthonormal": self.orthonormal,
             "extra": self.extra,
             "layers": {
-                n: {"d_in": l.d_in, "d_out": l.d_out, "K": l.rank} for n, l in self.layers.items()
+                n: {"d_in": x.d_in, "d_out": x.d_out, "K": x.rank} for n, x in self.layers.items()
             },
             "sha256": checksum(tensors),
         }
@@ -121,7 +130,9 @@ class SubspaceBank:
         path = Path(path)
         tensors, metadata = _read(path)
         if "attrspace" not in metadata:
-            raise BankFileError(f"{path}: no 'attrspace' metadata; not a bank file (official layout? use load_official)")
+            raise BankFileError(
+                f"{path}: no 'attrspace' metadata; not a bank file (official layout? use load_official)"
+            )
         try:
             header = json.loads(metadata["attrspace"])
             version = header["schema_version"]
@@ -130,13 +141,19 @@ class SubspaceBank:
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise BankFileError(f"{path}: malformed bank metadata ({exc})") from exc
         if version != SCHEMA_VERSION:
-            raise BankFileError(f"{path}: schema version {version}, this attrspace reads {SCHEMA_VERSION}")
+            raise BankFileError(
+                f"{path}: schema version {version}, this attrspace reads {SCHEMA_VERSION}"
+            )
         if header.get("sha256") != checksum(tensors):
-            raise BankFileError(f"{path}: tensor data does not match the checksum written with it (tampered or corrupt)")
+            raise BankFileError(
+                f"{path}: tensor data does not match the checksum written with it (tampered or corrupt)"
+            )
         expected = set()
         layers = {}
         for name, dims in declared.items():
-            keys = {k: f"layers.{name}.{k}" for k in ("U", "V", "column_attribute", "singular_values")}
+            keys = {
+                k: f"layers.{name}.{k}" for k in ("U", "V", "column_attribute", "singular_values")
+            }
             for k in ("U", "V", "column_attribute"):
                 if keys[k] not in tensors:
                     raise BankFileError(f"{path}: layer {name}: tensor {k} is missing")
@@ -145,11 +162,15 @@ class SubspaceBank:
                 U=tensors[keys["U"]].to(device),
                 V=tensors[keys["V"]].to(device),
                 column_attribute=tensors[keys["column_attribute"]].to(device),
-                singular_values=tensors[keys["singular_values"]].to(device) if keys["singular_values"] in tensors else None,
+                singular_values=tensors[keys["singular_values"]].to(device)
+                if keys["singular_values"] in tensors
+                else None,
             )
             got = {"d_in": layer.d_in, "d_out": layer.d_out, "K": layer.rank}
             if got != dims:
-                raise BankFileError(f"{path}: layer {name}: tensors have dims {got}, metadata says {dims}")
+                raise BankFileError(
+                    f"{path}: layer {name}: tensors have dims {got}, metadata says {dims}"
+                )
             layers[name] = layer
         unexpected = sorted(set(tensors) - expected)
         if unexpected:
@@ -194,20 +215,28 @@ class SubspaceBank:
                     f"{path}: layer {name}: A {tuple(A.shape)} and B {tuple(B.shape)} do not share K"
                 )
             K = A.shape[0]
-            layers[name] = LayerSubspace(U=B, V=A.t().contiguous(), column_attribute=torch.zeros(K, dtype=torch.int64))
+            layers[name] = LayerSubspace(
+                U=B, V=A.t().contiguous(), column_attribute=torch.zeros(K, dtype=torch.int64)
+            )
         try:
-            return cls(layers=layers, attributes=("unlabelled",), model_config="vggt-official", scale=scale)
+            return cls(
+                layers=layers, attributes=("unlabelled",), model_config="vggt-official", scale=scale
+            )
         except ValueError as exc:
             raise BankFileError(f"{path}: {exc}") from exc
 
     def save_official(self, path: str | os.PathLike, prefix: str = "aggregator.") -> None:
         """Write the official release's layout (bases only; attributes and scale are not kept)."""
-        pattern = re.compile(rf"^{re.escape(prefix)}(frame_blocks|global_blocks)\.(\d+)\.(attn|mlp)\.(qkv|proj|fc1|fc2)$")
+        pattern = re.compile(
+            rf"^{re.escape(prefix)}(frame_blocks|global_blocks)\.(\d+)\.(attn|mlp)\.(qkv|proj|fc1|fc2)$"
+        )
         tensors = {}
         for name, layer in self.layers.items():
             match = pattern.match(name)
             if match is None:
-                raise ValueError(f"layer {name!r} has no key in the official layout (VGGT block linears only)")
+                raise ValueError(
+                    f"layer {name!r} has no key in the official layout (VGGT block linears only)"
+                )
             blocks, index, group, proj = match.groups()
             key = f"{blocks}.{group}.{proj}.{index}"
             tensors[f"{key}.A"] = layer.V.detach().t().contiguous().cpu()
@@ -225,13 +254,19 @@ def _validate_layer(name: str, layer: LayerSubspace, n_attributes: int, orthonor
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"layer {name}: {label} holds NaN or Inf")
     if U.shape[1] != V.shape[1] or U.shape[1] == 0:
-        raise ValueError(f"layer {name}: U {tuple(U.shape)} and V {tuple(V.shape)} must share K > 0 columns")
+        raise ValueError(
+            f"layer {name}: U {tuple(U.shape)} and V {tuple(V.shape)} must share K > 0 columns"
+        )
     if U.dtype != V.dtype:
         raise ValueError(f"layer {name}: U is {U.dtype} but V is {V.dtype}")
     if cols.dtype != torch.int64 or tuple(cols.shape) != (U.shape[1],):
-        raise ValueError(f"layer {name}: column_attribute must be int64 of shape ({U.shape[1]},), got {cols.dtype} {tuple(cols.shape)}")
+        raise ValueError(
+            f"layer {name}: column_attribute must be int64 of shape ({U.shape[1]},), got {cols.dtype} {tuple(cols.shape)}"
+        )
     if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= n_attributes):
-        raise ValueError(f"layer {name}: column_attribute indexes outside the {n_attributes} attributes")
+        raise ValueError(
+            f"layer {name}: column_attribute indexes outside the {n_attributes} attributes"
+        )
     sv = layer.singular_values
     if sv is not None and (tuple(sv.shape) != (U.shape[1],) or not bool(torch.isfinite(sv).all())):
         raise ValueError(f"layer {name}: singular_values must be finite of shape ({U.shape[1]},)")
@@ -239,9 +274,15 @@ def _validate_layer(name: str, layer: LayerSubspace, n_attributes: int, orthonor
         tol = _ORTHONORMAL_TOL.get(U.dtype, 1e-4)
         for label, t in (("U", U), ("V", V)):
             t64 = t.double()
-            err = (t64.t() @ t64 - torch.eye(t.shape[1], dtype=torch.float64, device=t.device)).abs().max()
+            err = (
+                (t64.t() @ t64 - torch.eye(t.shape[1], dtype=torch.float64, device=t.device))
+                .abs()
+                .max()
+            )
             if float(err) > tol:
-                raise ValueError(f"layer {name}: {label} is declared orthonormal but |{label}^T {label} - I| = {float(err):.2e} > {tol:g}")
+                raise ValueError(
+                    f"layer {name}: {label} is declared orthonormal but |{label}^T {label} - I| = {float(err):.2e} > {tol:g}"
+                )
 
 
 def random_bank(
@@ -260,11 +301,15 @@ def random_bank(
     layers = {}
     for name, (d_out, d_in) in shapes.items():
         if rank > min(d_out, d_in):
-            raise ValueError(f"layer {name}: K={rank} exceeds min(d_out, d_in) = {min(d_out, d_in)}")
+            raise ValueError(
+                f"layer {name}: K={rank} exceeds min(d_out, d_in) = {min(d_out, d_in)}"
+            )
         U = torch.linalg.qr(torch.randn(d_out, rank, generator=generator, dtype=torch.float64))[0]
         V = torch.linalg.qr(torch.randn(d_in, rank, generator=generator, dtype=torch.float64))[0]
         layers[name] = LayerSubspace(U.to(dtype), V.to(dtype), torch.zeros(rank, dtype=torch.int64))
-    return SubspaceBank(layers, attributes=("random",), model_config="random", scale=scale, orthonormal=True)
+    return SubspaceBank(
+        layers, attributes=("random",), model_config="random", scale=scale, orthonormal=True
+    )
 
 
 def linear_shapes(model: torch.nn.Module, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:

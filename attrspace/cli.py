@@ -12,8 +12,17 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import format_rows, run_demo
 
     torch.set_num_threads(args.threads) if args.threads else None
-    print(f"attrspace demo: TinyViT dim={args.dim} depth={args.depth}, {args.tokens} tokens, {args.steps} steps")
-    rows = run_demo(dim=args.dim, depth=args.depth, tokens=args.tokens, rank=args.rank, steps=args.steps, seed=args.seed)
+    print(
+        f"attrspace demo: TinyViT dim={args.dim} depth={args.depth}, {args.tokens} tokens, {args.steps} steps"
+    )
+    rows = run_demo(
+        dim=args.dim,
+        depth=args.depth,
+        tokens=args.tokens,
+        rank=args.rank,
+        steps=args.steps,
+        seed=args.seed,
+    )
     print(format_rows(rows))
     sub, lora = rows
     print(
@@ -45,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     demo.set_defaults(func=_demo)
 
-    info = sub.add_parser("backends", help="which backends of the adapted layer run here, and why not")
+    info = sub.add_parser(
+        "backends", help="which backends of the adapted layer run here, and why not"
+    )
     info.set_defaults(func=_backends)
     return parser
 

@@ -58,7 +58,9 @@ class Block(nn.Module):
 class TinyViT(nn.Module):
     """Patch embedding + `depth` pre-norm transformer blocks + a linear head; tokens in, tokens out."""
 
-    def __init__(self, dim: int = 128, depth: int = 4, heads: int = 4, mlp_ratio: int = 4, in_dim: int = 48) -> None:
+    def __init__(
+        self, dim: int = 128, depth: int = 4, heads: int = 4, mlp_ratio: int = 4, in_dim: int = 48
+    ) -> None:
         super().__init__()
         self.embed = nn.Linear(in_dim, dim)
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
@@ -102,12 +104,19 @@ def _train(model: nn.Module, batch: Tensor, target: Tensor, steps: int, lr: floa
 
     step_s = time_steps(step, steps=steps, warmup=1)
     saved = saved_activation_bytes(model, lambda: model(batch))
-    return DemoRow("", sum(p.numel() for p in params), 1e3 * step_s, saved / 2**20, losses[0], losses[-1])
+    return DemoRow(
+        "", sum(p.numel() for p in params), 1e3 * step_s, saved / 2**20, losses[0], losses[-1]
+    )
 
 
 def run_demo(
-    dim: int = 256, depth: int = 4, tokens: int = 1024, rank: int = 16, lora_rank: int = 16,
-    steps: int = 8, seed: int = 0,
+    dim: int = 256,
+    depth: int = 4,
+    tokens: int = 1024,
+    rank: int = 16,
+    lora_rank: int = 16,
+    steps: int = 8,
+    seed: int = 0,
 ) -> list[DemoRow]:
     """Train the same task with a mined-style bank (random orthonormal here) and with LoRA."""
     torch.manual_seed(seed)
@@ -136,7 +145,9 @@ def run_demo(
 
 
 def format_rows(rows: list[DemoRow]) -> str:
-    lines = [f"{'method':<36}{'trainable':>11}{'step ms':>10}{'saved MiB':>11}{'loss start':>12}{'loss end':>10}"]
+    lines = [
+        f"{'method':<36}{'trainable':>11}{'step ms':>10}{'saved MiB':>11}{'loss start':>12}{'loss end':>10}"
+    ]
     for r in rows:
         lines.append(
             f"{r.method:<36}{r.trainable:>11,}{r.step_ms:>10.1f}{r.saved_mib:>11.2f}{r.loss_start:>12.4f}{r.loss_end:>10.4f}"

@@ -47,7 +47,9 @@ def implementation(name: str) -> ModuleType:
     module = _LOADED.get(name)
     if module is None:
         if name not in _MODULES:
-            raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {sorted(_MODULES)}")
+            raise ValueError(
+                f"unknown backend {name!r}; expected 'auto' or one of {sorted(_MODULES)}"
+            )
         module = _LOADED[name] = importlib.import_module(_MODULES[name])
     return module
 
@@ -66,7 +68,9 @@ def unavailable_reason(name: str) -> str | None:
 def preload(requested: str) -> None:
     """Import what `select(requested, ...)` may need; raises ValueError for an unknown name."""
     if requested != "auto" and requested not in _MODULES:
-        raise ValueError(f"unknown backend {requested!r}; expected 'auto' or one of {sorted(_MODULES)}")
+        raise ValueError(
+            f"unknown backend {requested!r}; expected 'auto' or one of {sorted(_MODULES)}"
+        )
     for name in _MODULES if requested == "auto" else (requested,):
         unavailable_reason(name)
 
@@ -97,7 +101,9 @@ def select(requested: str, x: Tensor, weight: Tensor, rank: int) -> str:
                 return name
         return "torch"
     if requested not in _MODULES:
-        raise ValueError(f"unknown backend {requested!r}; expected 'auto' or one of {sorted(_MODULES)}")
+        raise ValueError(
+            f"unknown backend {requested!r}; expected 'auto' or one of {sorted(_MODULES)}"
+        )
     reasons = _reasons(requested, x, weight, rank)
     if reasons:
         shape = (

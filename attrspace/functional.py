@@ -77,7 +77,9 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None, U: Tensor, V: Tensor,
         raise ValueError(f"bias must have shape ({d_out},), got {tuple(bias.shape)}")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
-    named = [("weight", weight), ("U", U), ("V", V)] + ([("bias", bias)] if bias is not None else [])
+    named = [("weight", weight), ("U", U), ("V", V)] + (
+        [("bias", bias)] if bias is not None else []
+    )
     for name, t in named:
         if t.dtype != x.dtype:
             raise TypeError(f"{name} is {t.dtype} but x is {x.dtype}; cast the layer or the input")

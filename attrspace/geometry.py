@@ -14,8 +14,10 @@ from torch import Tensor
 
 
 def _check_last_dims(name: str, t: Tensor, dims: tuple[int, ...]) -> None:
-    if t.ndim < len(dims) or tuple(t.shape[-len(dims):]) != dims:
-        raise ValueError(f"{name} must have shape (..., {', '.join(map(str, dims))}), got {tuple(t.shape)}")
+    if t.ndim < len(dims) or tuple(t.shape[-len(dims) :]) != dims:
+        raise ValueError(
+            f"{name} must have shape (..., {', '.join(map(str, dims))}), got {tuple(t.shape)}"
+        )
 
 
 def invert_extrinsics(extrinsics: Tensor) -> Tensor:

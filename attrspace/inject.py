@@ -61,7 +61,9 @@ def _report(model: nn.Module, kind: str, layers: list[str]) -> InjectionReport:
     )
 
 
-def inject(model: nn.Module, bank: SubspaceBank, backend: str = "auto", scale: float | None = None) -> InjectionReport:
+def inject(
+    model: nn.Module, bank: SubspaceBank, backend: str = "auto", scale: float | None = None
+) -> InjectionReport:
     """Replace each nn.Linear named in `bank` by a SubspaceLinear; freeze every other parameter.
 
     Only the K x K matrices M train afterwards. `scale` defaults to the bank's scale. A bank that does
@@ -88,7 +90,9 @@ def inject(model: nn.Module, bank: SubspaceBank, backend: str = "auto", scale: f
     s = bank.scale if scale is None else float(scale)
     _freeze_all(model)
     for name, layer in bank.layers.items():
-        _set_module(model, name, SubspaceLinear.from_linear(modules[name], layer.U, layer.V, s, backend))
+        _set_module(
+            model, name, SubspaceLinear.from_linear(modules[name], layer.U, layer.V, s, backend)
+        )
     return _report(model, "subspace", list(bank.layers))
 
 
@@ -136,18 +140,30 @@ def inject_lora(
 def _plain(module: nn.Module, merge: bool) -> nn.Module:
     if isinstance(module, nn.Conv2d):
         plain = nn.Conv2d(
-            module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
-            padding=module.padding, dilation=module.dilation, bias=module.bias is not None,
-            padding_mode=module.padding_mode, device="meta",
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            bias=module.bias is not None,
+            padding_mode=module.padding_mode,
+            device="meta",
         )
     else:
-        plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+        plain = nn.Linear(
+            module.in_features, module.out_features, bias=module.bias is not None, device="meta"
+        )
     if isinstance(module, SubspaceLinear) and module.merged:
-        raise RuntimeError("unmerge() the layer before uninject; use uninject(merge=True) to fold updates")
+        raise RuntimeError(
+            "unmerge() the layer before uninject; use uninject(merge=True) to fold updates"
+        )
     if merge:
         with torch.no_grad():
             delta = _delta(module).reshape(module.weight.shape)
-            plain.weight = nn.Parameter((module.weight.to(delta.dtype) + delta).to(module.weight.dtype))
+            plain.weight = nn.Parameter(
+                (module.weight.to(delta.dtype) + delta).to(module.weight.dtype)
+            )
     else:
         plain.weight = module.weight
     plain.bias = module.bias

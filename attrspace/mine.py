@@ -73,7 +73,9 @@ class MiningConfig:
         if isinstance(self.rank, int) and self.rank < 1:
             raise ValueError(f"a fixed rank must be >= 1, got {self.rank}")
         if not 1 <= self.rank_floor <= self.rank_cap:
-            raise ValueError(f"need 1 <= rank_floor <= rank_cap, got {self.rank_floor}, {self.rank_cap}")
+            raise ValueError(
+                f"need 1 <= rank_floor <= rank_cap, got {self.rank_floor}, {self.rank_cap}"
+            )
         if self.svd not in ("randomized", "exact"):
             raise ValueError(f"svd must be 'randomized' or 'exact', got {self.svd!r}")
         if not 0 < self.energy <= 1:
@@ -136,18 +138,24 @@ def choose_rank(spectrum: Tensor, config: MiningConfig, total_energy: float | No
     return floor + int(window.argmax())
 
 
-def _svd_many(ops: list[Factors], ranks: list[int], config: MiningConfig, generator) -> list[tuple[Tensor, Tensor, Tensor]]:
+def _svd_many(
+    ops: list[Factors], ranks: list[int], config: MiningConfig, generator
+) -> list[tuple[Tensor, Tensor, Tensor]]:
     """Truncated SVDs of factored operators, op i to ranks[i] values; one batched call per distinct rank."""
     if config.svd == "exact":
-        return [factor_svd(p, q, r) for (p, q), r in zip(ops, ranks)]
+        return [factor_svd(p, q, r) for (p, q), r in zip(ops, ranks, strict=False)]
     out: list = [None] * len(ops)
     for rank in sorted(set(ranks)):
         idx = [i for i, r in enumerate(ranks) if r == rank]
         part = randomized_svd(
-            [ops[i] for i in idx], rank, oversample=config.oversample,
-            power_iters=config.power_iters, backend=config.backend, generator=generator,
+            [ops[i] for i in idx],
+            rank,
+            oversample=config.oversample,
+            power_iters=config.power_iters,
+            backend=config.backend,
+            generator=generator,
         )
-        for i, res in zip(idx, part):
+        for i, res in zip(idx, part, strict=False):
             out[i] = res
     return out
 
@@ -155,7 +163,7 @@ def _svd_many(ops: list[Factors], ranks: list[int], config: MiningConfig, genera
 def _weighted_factors(updates: list[Factors], w: Tensor) -> Factors:
     """C = sum_i w_i P_i Q_i^T / sum w as one factor pair (m, k r), (n, k r)."""
     w = w / w.sum()
-    P = torch.cat([wi * p for wi, (p, _) in zip(w, updates)], dim=1)
+    P = torch.cat([wi * p for wi, (p, _) in zip(w, updates, strict=False)], dim=1)
     Q = torch.cat([q for _, q in updates], dim=1)
     return P, Q
 
@@ -174,7 +182,9 @@ def _check_updates(updates: dict[str, dict[str, list[Factors]]]) -> list[str]:
                 raise ValueError(f"layer {name}: attribute {attribute!r} has no updates")
             for i, (p, q) in enumerate(layers[name]):
                 if p.ndim != 2 or q.ndim != 2 or p.shape[1] != q.shape[1]:
-                    raise ValueError(f"layer {name}, {attribute} #{i}: P {tuple(p.shape)} and Q {tuple(q.shape)} are not factors")
+                    raise ValueError(
+                        f"layer {name}, {attribute} #{i}: P {tuple(p.shape)} and Q {tuple(q.shape)} are not factors"
+                    )
                 if not (torch.isfinite(p).all() and torch.isfinite(q).all()):
                     raise ValueError(f"layer {name}, {attribute} #{i}: factors hold NaN or Inf")
                 shapes.add((p.shape[0], q.shape[0]))
@@ -183,7 +193,9 @@ def _check_updates(updates: dict[str, dict[str, list[Factors]]]) -> list[str]:
     return common
 
 
-def mine(updates: dict[str, dict[str, list[Factors]]], config: MiningConfig = MiningConfig()) -> MiningResult:
+def mine(
+    updates: dict[str, dict[str, list[Factors]]], config: MiningConfig = MiningConfig()
+) -> MiningResult:
     """Mine a SubspaceBank from LoRA updates.
 
     updates: attribute -> layer name -> list of (P (d_out, r), Q (d_in, r)) with update P Q^T (scale
@@ -195,7 +207,12 @@ def mine(updates: dict[str, dict[str, list[Factors]]], config: MiningConfig = Mi
     stacks = {key: [(p.double(), q.double()) for p, q in updates[key[1]][key[0]]] for key in keys}
     k_of = {key: len(stacks[key]) for key in keys}
     spec_len = {
-        key: min(config.spectrum, sum(p.shape[1] for p, _ in stacks[key]), stacks[key][0][0].shape[0], stacks[key][0][1].shape[0])
+        key: min(
+            config.spectrum,
+            sum(p.shape[1] for p, _ in stacks[key]),
+            stacks[key][0][0].shape[0],
+            stacks[key][0][1].shape[0],
+        )
         for key in keys
     }
     weights = {key: torch.ones(k_of[key], dtype=torch.float64) for key in keys}
@@ -207,7 +224,7 @@ def mine(updates: dict[str, dict[str, list[Factors]]], config: MiningConfig = Mi
         ops = [_weighted_factors(stacks[key], weights[key]) for key in keys]
         svds = _svd_many(ops, [spec_len[key] for key in keys], config, generator)
         changed = 0.0
-        for key, (u, s, v) in zip(keys, svds):
+        for key, (u, s, v) in zip(keys, svds, strict=False):
             d = choose_rank(s, config)
             root = s[:d].sqrt()
             P = torch.stack([p for p, _ in stacks[key]])
@@ -227,7 +244,7 @@ def mine(updates: dict[str, dict[str, list[Factors]]], config: MiningConfig = Mi
     spectra: dict[str, dict[str, Tensor]] = {n: {} for n in layers}
     ranks: dict[str, dict[str, int]] = {n: {} for n in layers}
     bases: dict[str, dict[str, tuple[Tensor, Tensor, Tensor]]] = {n: {} for n in layers}
-    for (name, a), (u, s, v), op in zip(keys, svds, ops):
+    for (name, a), (u, s, v), op in zip(keys, svds, ops, strict=False):
         total = float(factored_sq_norm_pair(*op))
         d = choose_rank(s, config, total_energy=total)
         spectra[name][a] = s.float()
@@ -238,9 +255,17 @@ def mine(updates: dict[str, dict[str, list[Factors]]], config: MiningConfig = Mi
     for name in layers:
         bank_layers[name], dropped[name] = _integrate(bases[name], attributes, config)
     bank = SubspaceBank(
-        bank_layers, attributes=tuple(attributes), model_config="mined", scale=config.scale,
+        bank_layers,
+        attributes=tuple(attributes),
+        model_config="mined",
+        scale=config.scale,
         orthonormal=config.orthonormalize,
-        extra={"p": config.p, "rank_rule": str(config.rank), "svd": config.svd, "iterations": iterations},
+        extra={
+            "p": config.p,
+            "rank_rule": str(config.rank),
+            "svd": config.svd,
+            "iterations": iterations,
+        },
     )
     weights_out: dict[str, dict[str, Tensor]] = {n: {} for n in layers}
     for (name, a), w in weights.items():
@@ -294,7 +319,7 @@ def _integrate(
     qu = U.new_zeros(U.shape[0], 0)
     qv = V.new_zeros(V.shape[0], 0)
     owners, values = [], []
-    for index, (u, v, s) in enumerate(zip(us, vs, svals)):
+    for index, (u, v, s) in enumerate(zip(us, vs, svals, strict=False)):
         ru, rv = u, v
         for _ in range(2):  # project twice: enough for orthogonality to working precision
             ru = ru - qu @ (qu.t() @ ru)
@@ -308,7 +333,9 @@ def _integrate(
         values.append(s[:keep])
     kept = len(owners)
     layer = LayerSubspace(
-        qu.float().contiguous(), qv.float().contiguous(), torch.tensor(owners, dtype=torch.int64),
+        qu.float().contiguous(),
+        qv.float().contiguous(),
+        torch.tensor(owners, dtype=torch.int64),
         torch.cat(values).float(),
     )
     return layer, U.shape[1] - kept

@@ -85,15 +85,22 @@ class SubspaceLinear(nn.Linear):
         _check_basis("U", U, linear.out_features, None, layer)
         _check_basis("V", V, linear.in_features, U.shape[1], layer)
         module = cls(
-            linear.in_features, linear.out_features, U.shape[1], bias=linear.bias is not None,
-            scale=scale, backend=backend, device="meta",
+            linear.in_features,
+            linear.out_features,
+            U.shape[1],
+            bias=linear.bias is not None,
+            scale=scale,
+            backend=backend,
+            device="meta",
         )
         _share_base(module, linear)
         factory = {"device": linear.weight.device, "dtype": linear.weight.dtype}
         module.U = U.detach().to(**factory).clone(memory_format=torch.contiguous_format)
         module.V = V.detach().to(**factory).clone(memory_format=torch.contiguous_format)
         m_dtype = torch.float64 if linear.weight.dtype == torch.float64 else torch.float32
-        module.M = nn.Parameter(torch.zeros(U.shape[1], U.shape[1], device=factory["device"], dtype=m_dtype))
+        module.M = nn.Parameter(
+            torch.zeros(U.shape[1], U.shape[1], device=factory["device"], dtype=m_dtype)
+        )
         return module
 
     @property
@@ -156,8 +163,15 @@ class LoRALinear(nn.Linear):
     """
 
     def __init__(
-        self, in_features: int, out_features: int, rank: int, alpha: float, bias: bool = True,
-        dropout: float = 0.0, device=None, dtype=None,
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        alpha: float,
+        bias: bool = True,
+        dropout: float = 0.0,
+        device=None,
+        dtype=None,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         if rank <= 0:
@@ -186,8 +200,13 @@ class LoRALinear(nn.Linear):
             raise TypeError(f"from_linear needs a plain nn.Linear, got {type(linear).__name__}")
         factory = {"device": linear.weight.device, "dtype": linear.weight.dtype}
         module = cls(
-            linear.in_features, linear.out_features, rank, alpha, bias=linear.bias is not None,
-            dropout=dropout, device="meta",
+            linear.in_features,
+            linear.out_features,
+            rank,
+            alpha,
+            bias=linear.bias is not None,
+            dropout=dropout,
+            device="meta",
         )
         _share_base(module, linear)
         module.lora_A = nn.Linear(linear.in_features, rank, bias=False, **factory)
@@ -219,13 +238,21 @@ class LoRAConv2d(nn.Conv2d):
         if type(conv) is not nn.Conv2d:
             raise TypeError(f"LoRAConv2d wraps a plain nn.Conv2d, got {type(conv).__name__}")
         if conv.groups != 1:
-            raise ValueError(f"LoRA of a grouped convolution (groups={conv.groups}) is not supported")
+            raise ValueError(
+                f"LoRA of a grouped convolution (groups={conv.groups}) is not supported"
+            )
         if rank <= 0:
             raise ValueError(f"LoRA rank must be positive, got {rank}")
         super().__init__(
-            conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-            padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None,
-            padding_mode=conv.padding_mode, device="meta",
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            device="meta",
         )
         _share_base(self, conv)
         factory = {"device": conv.weight.device, "dtype": conv.weight.dtype}
@@ -233,8 +260,14 @@ class LoRAConv2d(nn.Conv2d):
         self.scaling = self.alpha / rank
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Conv2d(
-            conv.in_channels, rank, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-            dilation=conv.dilation, bias=False, **factory,
+            conv.in_channels,
+            rank,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            bias=False,
+            **factory,
         )
         self.lora_B = nn.Conv2d(rank, conv.out_channels, 1, bias=False, **factory)
         with torch.no_grad():
@@ -242,7 +275,9 @@ class LoRAConv2d(nn.Conv2d):
             nn.init.zeros_(self.lora_B.weight)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, rank: int, alpha: float, dropout: float = 0.0) -> LoRAConv2d:
+    def from_conv(
+        cls, conv: nn.Conv2d, rank: int, alpha: float, dropout: float = 0.0
+    ) -> LoRAConv2d:
         return cls(conv, rank, alpha, dropout)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -66,8 +66,10 @@ def save_peft(
         raise ValueError("the model holds no LoRA layers (inject_lora first)")
     ranks = {(m.rank, m.alpha) for m in layers.values()}
     if len(ranks) != 1:
-        raise ValueError(f"peft's layout needs one (r, alpha) for all layers here, found {sorted(ranks)}")
-    (rank, alpha), = ranks
+        raise ValueError(
+            f"peft's layout needs one (r, alpha) for all layers here, found {sorted(ranks)}"
+        )
+    ((rank, alpha),) = ranks
     folder = Path(folder)
     tensors = {}
     for name, m in layers.items():
@@ -114,12 +116,18 @@ def load_peft(folder: str | os.PathLike) -> dict[str, LoRAFactors]:
     except (OSError, json.JSONDecodeError) as exc:
         raise AdapterFileError(f"{config_path}: cannot read the adapter config ({exc})") from exc
     if config.get("peft_type") != "LORA":
-        raise AdapterFileError(f"{config_path}: peft_type is {config.get('peft_type')!r}, expected 'LORA'")
+        raise AdapterFileError(
+            f"{config_path}: peft_type is {config.get('peft_type')!r}, expected 'LORA'"
+        )
     for key in ("r", "lora_alpha"):
         if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
-            raise AdapterFileError(f"{config_path}: {key} must be a positive number, got {config.get(key)!r}")
+            raise AdapterFileError(
+                f"{config_path}: {key} must be a positive number, got {config.get(key)!r}"
+            )
     if config.get("use_dora"):
-        raise AdapterFileError(f"{config_path}: DoRA adapters are not plain LoRA and cannot be read")
+        raise AdapterFileError(
+            f"{config_path}: DoRA adapters are not plain LoRA and cannot be read"
+        )
     try:
         tensors, _ = read_safetensors(folder / WEIGHTS_NAME)
     except ValueError as exc:
@@ -133,7 +141,9 @@ def load_peft(folder: str | os.PathLike) -> dict[str, LoRAFactors]:
     factors = {}
     for name, pair in sorted(parts.items()):
         if set(pair) != {"A", "B"}:
-            raise AdapterFileError(f"{folder}: layer {name}: has only lora_{sorted(pair)}, needs A and B")
+            raise AdapterFileError(
+                f"{folder}: layer {name}: has only lora_{sorted(pair)}, needs A and B"
+            )
         A, B = pair["A"], pair["B"]
         r = _pattern_value(name, config.get("rank_pattern") or {}, config["r"])
         alpha = _pattern_value(name, config.get("alpha_pattern") or {}, config["lora_alpha"])
@@ -158,7 +168,9 @@ def load_peft_into(model: nn.Module, factors: dict[str, LoRAFactors]) -> None:
         if n in layers and (
             layers[n].lora_A.weight.shape != f.A.shape or layers[n].lora_B.weight.shape != f.B.shape
         ):
-            problems.append(f"{n}: model has A {tuple(layers[n].lora_A.weight.shape)}, file {tuple(f.A.shape)}")
+            problems.append(
+                f"{n}: model has A {tuple(layers[n].lora_A.weight.shape)}, file {tuple(f.A.shape)}"
+            )
     if problems:
         raise ValueError("the adapter does not fit the model:\n  " + "\n  ".join(problems))
     with torch.no_grad():

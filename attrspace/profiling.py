@@ -13,7 +13,9 @@ def _storage_key(t: Tensor) -> tuple[str, int]:
     return (str(t.device), t.untyped_storage().data_ptr())
 
 
-def saved_tensor_records(fn: Callable[[], Tensor], exclude: Iterable[Tensor] = ()) -> list[tuple[tuple[int, ...], torch.dtype, int]]:
+def saved_tensor_records(
+    fn: Callable[[], Tensor], exclude: Iterable[Tensor] = ()
+) -> list[tuple[tuple[int, ...], torch.dtype, int]]:
     """Run `fn` (a forward pass) and list every distinct tensor autograd saved for backward.
 
     Tensors sharing storage with anything in `exclude` (a model's parameters and buffers: they are not

@@ -26,7 +26,9 @@ def layer_inputs(
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape, std=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * std).to(device=device, dtype=dtype)
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * std).to(
+            device=device, dtype=dtype
+        )
 
     U = torch.linalg.qr(torch.randn(d_out, rank, generator=g, dtype=torch.float64))[0]
     V = torch.linalg.qr(torch.randn(d_in, rank, generator=g, dtype=torch.float64))[0]
@@ -36,7 +38,9 @@ def layer_inputs(
         "bias": rand(d_out, std=0.1),
         "U": U.to(device=device, dtype=dtype),
         "V": V.to(device=device, dtype=dtype),
-        "M": (torch.randn(rank, rank, generator=g, dtype=torch.float64) * m_scale).to(device=device, dtype=torch.float32),
+        "M": (torch.randn(rank, rank, generator=g, dtype=torch.float64) * m_scale).to(
+            device=device, dtype=torch.float32
+        ),
     }
 
 
@@ -53,7 +57,9 @@ def sqnr_db(actual: Tensor, expected: Tensor) -> float:
     return float("inf") if noise == 0 else float(20 * torch.log10(e.norm() / noise))
 
 
-def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str, baseline: Tensor | None = None) -> None:
+def assert_close(
+    actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str, baseline: Tensor | None = None
+) -> None:
     """Check `actual` against the float64 `expected` at the dtype's tolerance.
 
     With `baseline` (the same quantity computed by plain torch in `dtype`), low-precision results may

@@ -13,7 +13,12 @@ from torch import nn
 import attrspace
 from attrspace import dispatch
 
-SHAPES = [(1024, 3072), (1024, 1024), (1024, 4096), (4096, 1024)]  # (d_in, d_out): qkv, proj, fc1, fc2
+SHAPES = [
+    (1024, 3072),
+    (1024, 1024),
+    (1024, 4096),
+    (4096, 1024),
+]  # (d_in, d_out): qkv, proj, fc1, fc2
 RANKS = [32, 64, 128]
 LORA_RANK = 16
 
@@ -74,7 +79,11 @@ def test_subspace(run, benchmark, d_in, d_out, rank, backend):
     layer = attrspace.SubspaceLinear.from_linear(linear, U, V, scale=2.0, backend=backend)
     with torch.no_grad():
         layer.M.normal_(std=0.01)
-    run(fwd_bwd(layer, d_in, d_out), method=f"subspace K={rank} [{backend}]", flops=flops(d_in, d_out))
+    run(
+        fwd_bwd(layer, d_in, d_out),
+        method=f"subspace K={rank} [{backend}]",
+        flops=flops(d_in, d_out),
+    )
 
 
 @pytest.mark.parametrize(("d_in", "d_out"), SHAPES, ids=SHAPE_IDS)
@@ -90,5 +99,7 @@ def test_peft_lora(run, benchmark, d_in, d_out):
     benchmark.group = group(d_in, d_out)
     holder = nn.Sequential()
     holder.add_module("layer", frozen_linear(d_in, d_out))
-    model = peft.get_peft_model(holder, peft.LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=["layer"]))
+    model = peft.get_peft_model(
+        holder, peft.LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=["layer"])
+    )
     run(fwd_bwd(model, d_in, d_out), method=f"peft LoRA r={LORA_RANK}", flops=flops(d_in, d_out))

@@ -35,7 +35,9 @@ def test_saved_bytes_per_layer(benchmark, method):
     module = layer(method)
     x = torch.randn(TOKENS, D_IN, device=DEVICE, dtype=DTYPE, requires_grad=True)
     saved = saved_activation_bytes(module, lambda: module(x))
-    benchmark.extra_info.update({"method": method, "saved_bytes": saved, "memory": True, "machine": machine()})
+    benchmark.extra_info.update(
+        {"method": method, "saved_bytes": saved, "memory": True, "machine": machine()}
+    )
     benchmark.pedantic(lambda: module(x), rounds=3, iterations=1)
 
 
@@ -43,7 +45,9 @@ def stack(method):
     torch.manual_seed(0)
     model = TinyViT(dim=512, depth=4, heads=8, in_dim=64).to(DEVICE, DTYPE)
     if method == "subspace":
-        attrspace.inject(model, random_bank(linear_shapes(model, ADAPTED), RANK, scale=2.0, dtype=DTYPE))
+        attrspace.inject(
+            model, random_bank(linear_shapes(model, ADAPTED), RANK, scale=2.0, dtype=DTYPE)
+        )
     elif method == "lora":
         attrspace.inject_lora(model, ADAPTED, rank=LORA_RANK, alpha=2 * LORA_RANK)
     else:

@@ -24,12 +24,21 @@ def speed_table(benches):
         frozen = by_method.get("frozen")
         lora = by_method.get("LoRA r=16")
         peft = by_method.get("peft LoRA r=16")
-        lines += [f"\n**{name}**\n", "| method | median ms | / frozen | / LoRA r=16 | / peft LoRA r=16 | TFLOP/s (frozen-layer flops) |", "|---|---|---|---|---|---|"]
+        lines += [
+            f"\n**{name}**\n",
+            "| method | median ms | / frozen | / LoRA r=16 | / peft LoRA r=16 | TFLOP/s (frozen-layer flops) |",
+            "|---|---|---|---|---|---|",
+        ]
+
+        def ratio(ms, ref):
+            return f"{ms / median_ms(ref):.3f}" if ref else "-"
+
         for method, r in by_method.items():
             ms = median_ms(r)
-            ratio = lambda ref: f"{ms / median_ms(ref):.3f}" if ref else "-"  # noqa: E731
             tflops = r["extra_info"]["flops"] / (ms * 1e-3) / 1e12
-            lines.append(f"| {method} | {ms:.2f} | {ratio(frozen)} | {ratio(lora)} | {ratio(peft)} | {tflops:.3f} |")
+            lines.append(
+                f"| {method} | {ms:.2f} | {ratio(ms, frozen)} | {ratio(ms, lora)} | {ratio(ms, peft)} | {tflops:.3f} |"
+            )
     return "\n".join(lines)
 
 
@@ -42,7 +51,11 @@ def memory_table(benches):
     for name, rows in groups.items():
         by_method = {r["extra_info"]["method"]: r["extra_info"] for r in rows}
         lora = by_method.get("lora", {}).get("saved_bytes")
-        lines += [f"\n**{name}**\n", "| method | saved activations MiB | / LoRA | peak MiB (GPU) |", "|---|---|---|---|"]
+        lines += [
+            f"\n**{name}**\n",
+            "| method | saved activations MiB | / LoRA | peak MiB (GPU) |",
+            "|---|---|---|---|",
+        ]
         for method, info in by_method.items():
             saved = info["saved_bytes"]
             peak = f"{info['peak_bytes'] / 2**20:.1f}" if "peak_bytes" in info else "-"

@@ -59,7 +59,15 @@ def test_leading_batch_dims_and_no_input_grad():
     assert y.shape == (2, 3, 4, 12)
     y.sum().backward()  # x needs no grad: only dM is formed
     M64 = t["M"].double().requires_grad_()
-    dense_subspace_linear(x.double(), t["weight"].double(), t["bias"].double(), t["U"].double(), t["V"].double(), M64, 1.0).sum().backward()
+    dense_subspace_linear(
+        x.double(),
+        t["weight"].double(),
+        t["bias"].double(),
+        t["U"].double(),
+        t["V"].double(),
+        M64,
+        1.0,
+    ).sum().backward()
     assert_close(M.grad, M64.grad, torch.float32, "dM")
 
 
@@ -69,7 +77,9 @@ def test_saves_tokens_times_k_not_tokens_times_d_in():
     x = t["x"].requires_grad_()
     M = t["M"].requires_grad_()
     own = [t["weight"], t["bias"], t["U"], t["V"], M]
-    records = saved_tensor_records(lambda: subspace_linear(x, t["weight"], t["bias"], t["U"], t["V"], M, 1.0, "torch")[0], own)
+    records = saved_tensor_records(
+        lambda: subspace_linear(x, t["weight"], t["bias"], t["U"], t["V"], M, 1.0, "torch")[0], own
+    )
     saved = sum(nbytes for _, _, nbytes in records)
     assert [shape for shape, _, _ in records] == [(T, K)], records
     assert saved == T * K * 4
@@ -89,10 +99,14 @@ def _fraction_recovered(dtype, ratio):
     delta_unit = t["x"] @ t["V"] @ t["M"].double().t() @ t["U"].t()
     scale = ratio * float(base.norm() / delta_unit.norm())
     low = {k: (v.to(dtype) if k != "M" else v) for k, v in t.items()}
-    y, _ = subspace_linear(low["x"], low["weight"], low["bias"], low["U"], low["V"], low["M"], scale, "torch")
+    y, _ = subspace_linear(
+        low["x"], low["weight"], low["bias"], low["U"], low["V"], low["M"], scale, "torch"
+    )
     # Against the base computed from the SAME rounded inputs, so only the adapter's path is judged.
     base_low_inputs = low["x"].double() @ low["weight"].double().t() + low["bias"].double()
-    delta_low_inputs = scale * (low["x"].double() @ low["V"].double() @ low["M"].double().t() @ low["U"].double().t())
+    delta_low_inputs = scale * (
+        low["x"].double() @ low["V"].double() @ low["M"].double().t() @ low["U"].double().t()
+    )
     got = y.double() - base_low_inputs
     return float((got * delta_low_inputs).sum() / (delta_low_inputs * delta_low_inputs).sum())
 
@@ -131,7 +145,9 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="U is on meta"):
         subspace_linear(t["x"], t["weight"], t["bias"], t["U"].to("meta"), t["V"], t["M"])
     with pytest.raises(ValueError, match="frozen"):
-        subspace_linear(t["x"], t["weight"].clone().requires_grad_(), t["bias"], t["U"], t["V"], t["M"])
+        subspace_linear(
+            t["x"], t["weight"].clone().requires_grad_(), t["bias"], t["U"], t["V"], t["M"]
+        )
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         subspace_linear(*args, backend="fast")
 
@@ -141,7 +157,9 @@ def test_explicit_unavailable_backend_is_an_error_not_a_fallback():
     for name, status in attrspace.backends().items():
         if status != "available":
             with pytest.raises(ValueError, match=f"backend '{name}' cannot run"):
-                subspace_linear(t["x"], t["weight"], t["bias"], t["U"], t["V"], t["M"], backend=name)
+                subspace_linear(
+                    t["x"], t["weight"], t["bias"], t["U"], t["V"], t["M"], backend=name
+                )
     x_cpu = t["x"]
     assert dispatch.select("auto", x_cpu, t["weight"], 4) == "torch"
 
@@ -151,5 +169,7 @@ def test_autocast_runs_in_the_autocast_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, _ = subspace_linear(t["x"], t["weight"], t["bias"], t["U"], t["V"], t["M"], 1.0)
     assert y.dtype == torch.bfloat16
-    ref = dense_subspace_linear(*(t[k].double() for k in ("x", "weight", "bias", "U", "V", "M")), 1.0)
+    ref = dense_subspace_linear(
+        *(t[k].double() for k in ("x", "weight", "bias", "U", "V", "M")), 1.0
+    )
     assert_close(y, ref, torch.bfloat16, "y under autocast")

@@ -16,7 +16,9 @@ def test_import_loads_neither_the_kernels_nor_the_extension():
         "or m.startswith('triton')))"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
     assert out.stdout.strip() == "[]"
 
 
@@ -47,4 +49,6 @@ def test_kernels_folder_is_installed_as_attrspace_kernels():
 
     spec = importlib.util.find_spec("attrspace.kernels")
     assert spec is not None and spec.origin.replace(os.sep, "/").endswith("kernels/__init__.py")
-    assert importlib.util.find_spec("kernels") is None or "attrspace" not in (importlib.util.find_spec("kernels").origin or "")
+    assert importlib.util.find_spec("kernels") is None or "attrspace" not in (
+        importlib.util.find_spec("kernels").origin or ""
+    )

@@ -30,7 +30,9 @@ def test_inject_bank_trains_only_m(model):
     assert report.trainable_params == 8 * 4 * 4
     assert report.total_params == sum(p.numel() for p in model.parameters())
     assert all(isinstance(model.get_submodule(n), SubspaceLinear) for n in bank.layers)
-    assert isinstance(model.blocks[0].attn.qkv, SubspaceLinear) and model.blocks[0].attn.qkv.U.shape == (96, 4)
+    assert isinstance(model.blocks[0].attn.qkv, SubspaceLinear) and model.blocks[
+        0
+    ].attn.qkv.U.shape == (96, 4)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable == [f"{n}.M" for n in bank.layers]
     assert torch.equal(model(x), before)  # M = 0
@@ -55,7 +57,9 @@ def test_uninject_is_bit_identical_when_untrained(model):
     assert all(type(model.get_submodule(n)) is nn.Linear for n in linears)
     assert all(model.get_submodule(n).weight is linears[n].weight for n in linears)
     state = model.state_dict()
-    assert state.keys() == original.keys() and all(torch.equal(state[k], v) for k, v in original.items())
+    assert state.keys() == original.keys() and all(
+        torch.equal(state[k], v) for k, v in original.items()
+    )
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
 
 
@@ -77,7 +81,9 @@ def test_misfit_bank_is_refused_whole_and_nothing_changes(model):
     good = random_bank(shapes, 2)
     layers = dict(good.layers)
     layers["blocks.9.attn.qkv"] = layers["blocks.0.attn.qkv"]  # no such module
-    layers["blocks.1.mlp.fc1"] = LayerSubspace(torch.eye(64)[:, :2], torch.eye(16)[:, :2], torch.zeros(2, dtype=torch.int64))
+    layers["blocks.1.mlp.fc1"] = LayerSubspace(
+        torch.eye(64)[:, :2], torch.eye(16)[:, :2], torch.zeros(2, dtype=torch.int64)
+    )
     layers["norm"] = layers["blocks.0.attn.proj"]  # a LayerNorm
     bad = SubspaceBank(layers, attributes=("random",))
     before = snapshot(model)
@@ -96,7 +102,12 @@ def test_inject_lora_targets_and_errors(model):
     x = torch.randn(2, 5, 12)
     before = model(x)
     report = inject_lora(model, targets=("attn.qkv", "mlp.fc2"), rank=4, alpha=8)
-    assert sorted(report.layers) == ["blocks.0.attn.qkv", "blocks.0.mlp.fc2", "blocks.1.attn.qkv", "blocks.1.mlp.fc2"]
+    assert sorted(report.layers) == [
+        "blocks.0.attn.qkv",
+        "blocks.0.mlp.fc2",
+        "blocks.1.attn.qkv",
+        "blocks.1.mlp.fc2",
+    ]
     assert report.trainable_params == 2 * (4 * (32 + 96) + 4 * (128 + 32))
     assert all(isinstance(model.get_submodule(n), LoRALinear) for n in report.layers)
     assert torch.equal(model(x), before)

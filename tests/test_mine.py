@@ -27,8 +27,13 @@ def planted_updates(m=48, n=40, d=3, r=4, k=6, outlier=True, shared=None, seed=0
         core = torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)[:d])
         layer = []
         for i in range(k):
-            P = torch.cat([U @ (core + 0.05 * torch.randn(d, d, generator=g, dtype=torch.float64)),
-                           0.01 * torch.randn(m, r - d, generator=g, dtype=torch.float64)], 1)
+            P = torch.cat(
+                [
+                    U @ (core + 0.05 * torch.randn(d, d, generator=g, dtype=torch.float64)),
+                    0.01 * torch.randn(m, r - d, generator=g, dtype=torch.float64),
+                ],
+                1,
+            )
             Q = torch.cat([V, torch.randn(n, r - d, generator=g, dtype=torch.float64)], 1)
             if outlier and i == 0:
                 P = 2.0 * torch.randn(m, r, generator=g, dtype=torch.float64)
@@ -51,7 +56,7 @@ def test_robust_consensus_recovers_planted_subspaces(svd):
         assert principal_cosines(U, planted[a][0]).min() > 0.999
         assert principal_cosines(V, planted[a][1]).min() > 0.999
         # The transposed layer (fc2 holds Q P^T): the roles of the bases swap.
-        Ut, _, Vt = result.bases["blocks.1.mlp.fc2"][a]
+        _Ut, _, Vt = result.bases["blocks.1.mlp.fc2"][a]
         assert principal_cosines(Vt, planted[a][0]).min() > 0.999
         # The integrated bank spans every attribute's subspace.
         bank_u = result.bank.layers["blocks.0.attn.qkv"].U.double()
@@ -63,9 +68,11 @@ def test_least_squares_is_pulled_by_the_outlier():
     robust = mine(updates, MiningConfig(p=1.0, rank=3, backend="torch"))
     plain = mine(updates, MiningConfig(p=2.0, rank=3, backend="torch"))
     assert plain.iterations == 1
+
     def worst(result):
         bases = result.bases["blocks.0.attn.qkv"]
         return min(float(principal_cosines(bases[a][0], planted[a][0]).min()) for a in ATTRS)
+
     assert worst(robust) > 0.999 > worst(plain)
 
 
@@ -87,7 +94,9 @@ def test_overlaps_detect_a_shared_direction():
 
 def test_concatenation_without_orthonormalisation_keeps_scaling():
     _, updates = planted_updates(outlier=False)
-    result = mine(updates, MiningConfig(rank=3, orthonormalize=False, keep_sqrt_s=True, backend="torch"))
+    result = mine(
+        updates, MiningConfig(rank=3, orthonormalize=False, keep_sqrt_s=True, backend="torch")
+    )
     layer = result.bank.layers["blocks.0.attn.qkv"]
     assert layer.rank == 12 and not result.bank.orthonormal
     norms = layer.U.norm(dim=0)
@@ -108,7 +117,10 @@ def test_rank_rules():
 
 def test_bad_updates_are_named():
     _, updates = planted_updates(k=2)
-    updates["camera"]["blocks.0.attn.qkv"][1] = (torch.full((48, 4), float("nan")), torch.zeros(40, 4))
+    updates["camera"]["blocks.0.attn.qkv"][1] = (
+        torch.full((48, 4), float("nan")),
+        torch.zeros(40, 4),
+    )
     with pytest.raises(ValueError, match=r"layer blocks.0.attn.qkv, camera #1: factors hold NaN"):
         mine(updates, MiningConfig(backend="torch"))
 

@@ -53,7 +53,9 @@ def test_delta_weight_merge_unmerge():
     delta = layer.delta_weight()
     expected = 2.0 * t["U"].double() @ t["M"].double() @ t["V"].double().t()
     assert_close(delta, expected, torch.float32, "delta_weight")
-    assert_close(y, x.double() @ (original.double() + expected).t() + t["bias"].double(), torch.float32, "y")
+    assert_close(
+        y, x.double() @ (original.double() + expected).t() + t["bias"].double(), torch.float32, "y"
+    )
     layer.merge()
     assert layer.merged
     assert_close(layer(x), y.double(), torch.float32, "merged y")
@@ -114,16 +116,24 @@ def test_lora_linear_follows_peft_conventions():
     lora = LoRALinear.from_linear(linear, rank=4, alpha=8)
     assert lora.weight is linear.weight and not lora.weight.requires_grad
     assert lora.scaling == 2.0
-    assert torch.count_nonzero(lora.lora_B.weight) == 0 and torch.count_nonzero(lora.lora_A.weight) > 0
+    assert (
+        torch.count_nonzero(lora.lora_B.weight) == 0 and torch.count_nonzero(lora.lora_A.weight) > 0
+    )
     bound = 1 / math.sqrt(20)  # kaiming_uniform(a=sqrt(5)) on fan_in 20
     assert lora.lora_A.weight.abs().max() <= bound
     x = torch.randn(3, 20)
     assert torch.equal(lora(x), linear(x))
     with torch.no_grad():
         lora.lora_B.weight.normal_()
-    expected = x.double() @ (linear.weight.double() + lora.delta_weight().double()).t() + linear.bias.double()
+    expected = (
+        x.double() @ (linear.weight.double() + lora.delta_weight().double()).t()
+        + linear.bias.double()
+    )
     assert_close(lora(x), expected, torch.float32, "LoRA y")
-    assert sorted(n for n, p in lora.named_parameters() if p.requires_grad) == ["lora_A.weight", "lora_B.weight"]
+    assert sorted(n for n, p in lora.named_parameters() if p.requires_grad) == [
+        "lora_A.weight",
+        "lora_B.weight",
+    ]
 
 
 def test_lora_conv2d_matches_its_merged_kernel():
@@ -133,8 +143,12 @@ def test_lora_conv2d_matches_its_merged_kernel():
     assert torch.equal(lora(x), conv(x))
     with torch.no_grad():
         lora.lora_B.weight.normal_()
-    delta = lora.scaling * (lora.lora_B.weight.flatten(1) @ lora.lora_A.weight.flatten(1)).reshape(conv.weight.shape)
-    expected = nn.functional.conv2d(x.double(), (conv.weight + delta).double(), conv.bias.double(), stride=2, padding=1)
+    delta = lora.scaling * (lora.lora_B.weight.flatten(1) @ lora.lora_A.weight.flatten(1)).reshape(
+        conv.weight.shape
+    )
+    expected = nn.functional.conv2d(
+        x.double(), (conv.weight + delta).double(), conv.bias.double(), stride=2, padding=1
+    )
     assert_close(lora(x), expected, torch.float32, "LoRA conv y")
     with pytest.raises(ValueError, match="groups=2"):
         LoRAConv2d.from_conv(nn.Conv2d(4, 4, 3, groups=2), 2, 2)

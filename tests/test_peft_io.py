@@ -6,7 +6,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from attrspace import AdapterFileError, inject_lora, load_peft, load_peft_into, lora_state, save_peft
+from attrspace import (
+    AdapterFileError,
+    inject_lora,
+    load_peft,
+    load_peft_into,
+    lora_state,
+    save_peft,
+)
 from attrspace.demo import ADAPTED, TinyViT
 
 
@@ -29,7 +36,10 @@ def test_round_trip_through_a_fresh_model(tmp_path):
     assert len(config["target_modules"]) == 8
     factors = load_peft(tmp_path / "adapter")
     assert set(factors) == set(lora_state(model))
-    assert factors["blocks.0.attn.qkv"].A.shape == (4, 32) and factors["blocks.0.attn.qkv"].scale == 2.0
+    assert (
+        factors["blocks.0.attn.qkv"].A.shape == (4, 32)
+        and factors["blocks.0.attn.qkv"].scale == 2.0
+    )
     fresh = trained_lora_model(seed=1)
     load_peft_into(fresh, factors)
     x = torch.randn(2, 5, 12)
@@ -76,11 +86,36 @@ def test_reads_peft_variants(tmp_path):
 @pytest.mark.parametrize(
     ("tensors", "config", "message"),
     [
-        ({"base_model.model.q.lora_A.weight": torch.randn(2, 6)}, {}, r"layer q: has only lora_\['A'\]"),
-        ({"base_model.model.q.lora_A.weight": torch.randn(3, 6), "base_model.model.q.lora_B.weight": torch.randn(5, 3)}, {}, "do not fit rank 2"),
-        ({"base_model.model.q.lora_A.weight": torch.full((2, 6), float("inf")), "base_model.model.q.lora_B.weight": torch.randn(5, 2)}, {}, "NaN or Inf"),
+        (
+            {"base_model.model.q.lora_A.weight": torch.randn(2, 6)},
+            {},
+            r"layer q: has only lora_\['A'\]",
+        ),
+        (
+            {
+                "base_model.model.q.lora_A.weight": torch.randn(3, 6),
+                "base_model.model.q.lora_B.weight": torch.randn(5, 3),
+            },
+            {},
+            "do not fit rank 2",
+        ),
+        (
+            {
+                "base_model.model.q.lora_A.weight": torch.full((2, 6), float("inf")),
+                "base_model.model.q.lora_B.weight": torch.randn(5, 2),
+            },
+            {},
+            "NaN or Inf",
+        ),
         ({"base_model.model.q.weight": torch.randn(2, 6)}, {}, "not a LoRA A/B weight"),
-        ({"base_model.model.q.lora_A.weight": torch.randn(2, 6), "base_model.model.q.lora_B.weight": torch.randn(5, 2)}, {"peft_type": "IA3"}, "expected 'LORA'"),
+        (
+            {
+                "base_model.model.q.lora_A.weight": torch.randn(2, 6),
+                "base_model.model.q.lora_B.weight": torch.randn(5, 2),
+            },
+            {"peft_type": "IA3"},
+            "expected 'LORA'",
+        ),
     ],
     ids=["missing-B", "rank", "inf", "stray-key", "not-lora"],
 )
@@ -100,7 +135,9 @@ def test_files_written_by_peft_itself_load(tmp_path):
     peft = pytest.importorskip("peft", reason="peft is an optional dependency; CI installs it")
     torch.manual_seed(0)
     base = TinyViT(dim=32, depth=2, heads=2, in_dim=12)
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["qkv", "proj", "fc1", "fc2"], init_lora_weights=True)
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["qkv", "proj", "fc1", "fc2"], init_lora_weights=True
+    )
     peft_model = peft.get_peft_model(base, config)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
