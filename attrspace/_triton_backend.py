@@ -1,0 +1,83 @@
+"""The `triton` backend: the dispatch contract (attrspace.dispatch) over the kernels in attrspace.kernels.
+
+attrspace.kernels is imported only inside the functions below, when the backend is first asked whether
+it is available: @triton.jit reads TRITON_INTERPRET when it decorates, so the interpreter (CPU tensors,
+for tests) can be switched on until then.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+
+_KERNELS = "attrspace.kernels.subspace_linear"
+_MIN_CAPABILITY = (8, 0)  # bf16 and tf32 tensor-core MMAs
+# Filled by unavailable_reason(), which dispatch.preload calls before any torch.compile tracing, so that
+# unsupported_reasons() is plain lookups and metadata checks (an import cannot be traced).
+_loaded: dict = {}
+
+
+def _kernels():
+    if "kernels" not in _loaded:
+        _loaded["kernels"] = importlib.import_module(_KERNELS)
+        _loaded["capability"] = {
+            i: torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())
+        }
+    return _loaded["kernels"]
+
+
+def unavailable_reason() -> str | None:
+    """None when the Triton kernels can run on this machine, else why not (imports them if they can)."""
+    if "kernels" not in _loaded:
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed"
+        interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+        if not torch.cuda.is_available() and not interpret:
+            return (
+                "no CUDA device, and CPU tensors need TRITON_INTERPRET=1 set before "
+                "attrspace.kernels is imported"
+            )
+    _kernels()  # an ImportError here is reported by dispatch.unavailable_reason
+    return None
+
+
+def unsupported_reasons(x: Tensor, weight: Tensor, rank: int) -> list[str]:
+    """Every reason the kernels cannot run input x (..., d_in) of a (d_out, d_in) layer with rank K."""
+    kernels = _kernels()
+    reasons = []
+    interpreting = kernels.INTERPRET  # what @triton.jit saw when the kernels were decorated
+    if x.dtype not in kernels.DTYPES:
+        reasons.append(f"dtype {x.dtype} (the kernels take float32, float16 and bfloat16)")
+    if x.dtype == torch.bfloat16 and interpreting:
+        reasons.append("the Triton interpreter cannot compute in bfloat16 (run bfloat16 on a GPU)")
+    if not 1 <= rank <= kernels.MAX_RANK:
+        reasons.append(f"K={rank} outside 1..{kernels.MAX_RANK}")
+    if x.device.type == "cpu" and not interpreting:
+        reasons.append(
+            "CPU tensors need TRITON_INTERPRET=1 set before attrspace.kernels is imported"
+        )
+    elif x.device.type == "cuda" and not interpreting:
+        capability = _loaded["capability"].get(x.device.index or 0, (0, 0))
+        if capability < _MIN_CAPABILITY:
+            reasons.append(f"compute capability {capability} < {_MIN_CAPABILITY}")
+    elif x.device.type not in ("cpu", "cuda"):
+        reasons.append(f"device type {x.device.type!r} (the kernels run on CUDA devices)")
+    return reasons
+
+
+def forward(
+    x: Tensor, weight: Tensor, bias: Tensor | None, V: Tensor, P: Tensor
+) -> tuple[Tensor, Tensor]:
+    """y = x W^T + b + z P^T and z = x V in one fused launch; shapes as attrspace.reference.forward."""
+    return _kernels().subspace_linear_forward(x, weight, bias, V, P)
+
+
+def backward(
+    dy: Tensor, weight: Tensor, U: Tensor, Q: Tensor, need_dx: bool
+) -> tuple[Tensor | None, Tensor]:
+    """dx = dy W + g Q^T and g = dy U in fp32, one fused launch; as attrspace.reference.backward."""
+    return _kernels().subspace_linear_backward(dy, weight, U, Q, need_dx)

@@ -1,0 +1,63 @@
+"""Block sizes of the fused subspace-linear kernels, and whether they run interpreted.
+
+The fused kernel (kernels/subspace_linear.py) runs two kinds of programs with the same BLOCK_M / BLOCK_R:
+side programs (BLOCK_M x K_PAD tiles of z = x V or g = dy U) and output programs (BLOCK_M x BLOCK_N tiles
+of y or dx). Every GPU config was compiled for sm_80 and sm_90 with Triton 3.7 and ptxas (no GPU needed):
+in bf16 at K_PAD = 64 all are software-pipelined (cp.async, wgmma on sm_90) without register spills;
+128 x 256 x 64 with 3 stages takes 144 KiB of shared memory on sm_90 and 96 KiB on sm_80. Where a config
+does not fit a device (fp16 at K_PAD = 128 and 128 x 256 needs 192 KiB on sm_80, over an A100's 164 KiB)
+it fails to launch and the autotuner skips it; the last config fits everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+# Read once, like @triton.jit itself reads it when the kernels are decorated (style.md 6.2): a later
+# change of the variable does not turn already-decorated kernels into interpreted ones.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# The autotuner keys on the problem's (R, N, K_PAD, T_BUCKET) and the tensor dtypes.
+AUTOTUNE_KEY = ["R", "N", "K_PAD", "T_BUCKET"]
+
+
+def _config(block_m: int, block_n: int, block_r: int, group_m: int, warps: int, stages: int):
+    meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_R": block_r, "GROUP_M": group_m}
+    return triton.Config(meta, num_warps=warps, num_stages=stages)
+
+
+if INTERPRET:
+    # One config: the interpreter would otherwise benchmark every config. Blocks of 32 keep the test
+    # shapes (T=37, d_in=100, d_out=72) ragged in every dimension, and GROUP_M=2 makes a 3-row-block
+    # problem span two program groups, the last one partial.
+    CONFIGS = [_config(32, 32, 32, group_m=2, warps=4, stages=1)]
+else:
+    CONFIGS = [
+        # Large tiles for T = frames x 1369 tokens and d >= 1024 (the VGGT layers): 128 x 256 halves the
+        # re-reads of x per output column against 128 x 128; 8 warps hold the 128 x 256 fp32 accumulator.
+        _config(128, 256, 64, group_m=8, warps=8, stages=3),
+        _config(128, 128, 64, group_m=8, warps=8, stages=4),
+        # More programs for short T (a single frame) and narrow layers, so every SM gets work.
+        _config(64, 128, 64, group_m=8, warps=4, stages=4),
+        _config(64, 64, 32, group_m=8, warps=4, stages=3),
+    ]
+
+
+def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
+    """The configs worth timing for these arguments.
+
+    fp32 inputs multiply on the FMA units ("ieee" precision), where an accumulator beyond 64 x 64 spills
+    registers (ptxas for sm_90: 2.6 KiB per thread at 128 x 128, 10 KiB at 128 x 256) and takes up to a
+    minute to compile, so fp32 keeps only the small tiles.
+    """
+    if named_args["a_ptr"].dtype == torch.float32:
+        small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+        return small or configs[-1:]
+    return configs
+
+
+# No config has fewer row blocks than cdiv(T, MIN_BLOCK_M), so that many ready flags serve every config.
+MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in CONFIGS)

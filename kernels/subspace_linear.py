@@ -1,0 +1,348 @@
+"""Fused kernels of the adapted layer: y and z = x V in one launch, dx and g = dy U in another.
+
+Both passes are one computation on different operands (design section 2):
+    forward:  out = x W^T + b + z P^T,   side = z = x V    A = x,  B = W^T, C = V, E = P, R = d_in
+    backward: out = dy W + g Q^T,        side = g = dy U   A = dy, B = W,   C = U, E = Q, R = d_out
+that is out = A B + bias + side E^T and side = A C, with A (T, R), B (R, N), C (R, K), E (N, K) fp32.
+Every sum is accumulated in fp32 and `out` is rounded once. side is stored in its output dtype (z in the
+input dtype, g in fp32) and read back from there by the epilogue: in fp16 / bf16 the adapter term uses z
+rounded once (what the backward saves anyway), and its operands have at most 10 mantissa bits on tensor
+cores in any case (ADAPTER_PRECISIONS).
+
+One launch runs two kinds of programs over a 1-D grid:
+- a side program per row block computes side = A C over the whole R loop, stores it and sets the row
+  block's ready flag;
+- an output program per (row block, column tile) computes A B over the R loop, waits for its row block's
+  flag, then adds side E^T (and the bias) to its fp32 accumulator and rounds once.
+Why: every output tile needs the complete side rows (a reduction over all of R) before its epilogue.
+Recomputing them in every output program repeats K_PAD / BLOCK_N of the main work (25-50%). One program
+per row block sweeping every column tile repeats nothing but leaves T / BLOCK_M programs (86 at
+T = 8 x 1369 and BLOCK_M = 128, fewer than the 132 SMs of an H100) and re-reads each program's x rows
+from L2 at every tile (1 MiB per row block at d_in = 4096: more than L2 holds for 132 programs). With the
+flags the launch is an ordinary grouped GEMM over the virtual weight [C^T; B^T] of K_PAD + N columns:
+no repeated work, full occupancy, and a group's x rows come from HBM once and from L2 afterwards.
+Deadlock freedom: a 1-D grid starts its programs in increasing id (NVIDIA's block dispatch; the
+interpreter runs them in order), a group's side programs have lower ids than its output programs, and an
+output program waits only after its own main loop, on a program that started no later than it did. A
+side program does K_PAD / BLOCK_N (at most half) of an output program's work, so the wait is usually over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._config import AUTOTUNE_KEY, CONFIGS, INTERPRET, MIN_BLOCK_M, prune_configs
+
+MAX_RANK = 128
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# How the adapter term side E^T is multiplied (the sum is fp32 in every case):
+#   "ieee":  fp32 operands, exact fp32 products (the fp32 path; matches the reference to ~1e-5).
+#   "tf32":  fp32 operands on tensor cores with 10-bit mantissas (fp16 inputs: the mantissa of fp16, so
+#            reading the rounded z loses nothing more, and the exponent range of fp32, so a small P or Q
+#            does not sink into fp16 subnormals).
+#   "input": operands rounded to the input dtype (bf16 inputs: the same 8-bit exponent as fp32, so only the
+#            mantissa rounds, like the base term's x and W; a full-rate bf16 MMA where tf32 runs at half
+#            rate, which is 6% of the forward tile at K = 64, d_in = 1024).
+ADAPTER_PRECISIONS = ("ieee", "tf32", "input")
+_DEFAULT_ADAPTER_PRECISION = {torch.float32: "ieee", torch.float16: "tf32", torch.bfloat16: "input"}
+
+
+@triton.jit
+def _tile_product(
+    a_ptr, b_ptr, rows, cols, col_limit, R,
+    stride_at, stride_ar, stride_br, stride_bc,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """fp32 (BLOCK_M, BLOCK_C) tile of A B. rows: (BLOCK_M,) int64 in range; cols: (BLOCK_C,) int32."""
+    offs_r = tl.arange(0, BLOCK_R)
+    a_ptrs = a_ptr + rows[:, None] * stride_at + offs_r[None, :] * stride_ar
+    b_ptrs = b_ptr + offs_r[:, None] * stride_br + cols[None, :] * stride_bc
+    col_ok = cols[None, :] < col_limit
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        r_ok = offs_r < R - r0
+        a = tl.load(a_ptrs, mask=r_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=r_ok[:, None] & col_ok, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_R * stride_ar
+        b_ptrs += BLOCK_R * stride_br
+    return acc
+
+
+@triton.jit
+def _side_program(
+    a_ptr, c_ptr, side_ptr, ready_ptr, row_block, T, R, K,
+    stride_at, stride_ar, stride_cr, stride_ck,
+    K_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    rows = row_block.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, K_PAD)
+    # Rows past T wrap onto valid rows so the loop needs no row mask; their results are not stored.
+    side = _tile_product(
+        a_ptr, c_ptr, rows % T, offs_k, K, R, stride_at, stride_ar, stride_cr, stride_ck,
+        BLOCK_M, K_PAD, BLOCK_R, PRECISION,
+    )  # fmt: skip
+    mask = (rows[:, None] < T) & (offs_k[None, :] < K)
+    tl.store(
+        side_ptr + rows[:, None] * K + offs_k[None, :],
+        side.to(side_ptr.dtype.element_ty),
+        mask=mask,
+    )
+    # Every thread's stores must be done before the one thread that sets the flag releases them.
+    tl.debug_barrier()
+    tl.atomic_xchg(ready_ptr + row_block, 1, sem="release")
+
+
+@triton.jit
+def _output_program(
+    a_ptr, b_ptr, e_ptr, bias_ptr, out_ptr, side_ptr, ready_ptr, row_block, col_tile, T, R, N, K,
+    stride_at, stride_ar, stride_br, stride_bn, stride_en, stride_ek, stride_bias,
+    K_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    ADAPTER_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    rows = row_block.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_rows = rows % T
+    cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, K_PAD)
+    acc = _tile_product(
+        a_ptr, b_ptr, in_rows, cols, N, R, stride_at, stride_ar, stride_br, stride_bn,
+        BLOCK_M, BLOCK_N, BLOCK_R, PRECISION,
+    )  # fmt: skip
+    # Wait for this row block's side program (acquire: its stores are visible after the flag).
+    while tl.atomic_add(ready_ptr + row_block, 0, sem="acquire") == 0:
+        pass
+    tl.debug_barrier()
+    k_ok = offs_k < K
+    side = tl.load(side_ptr + in_rows[:, None] * K + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+    side = side.to(tl.float32)
+    e_t = tl.load(
+        e_ptr + offs_k[:, None] * stride_ek + cols[None, :] * stride_en,
+        mask=k_ok[:, None] & (cols[None, :] < N),
+        other=0.0,
+    )
+    if ADAPTER_PRECISION == "input":
+        in_dtype = out_ptr.dtype.element_ty
+        acc = tl.dot(side.to(in_dtype), e_t.to(in_dtype), acc)
+    else:
+        acc = tl.dot(side, e_t, acc, input_precision=ADAPTER_PRECISION)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols * stride_bias, mask=cols < N, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    mask = (rows[:, None] < T) & (cols[None, :] < N)
+    tl.store(
+        out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask
+    )
+
+
+@triton.autotune(
+    configs=CONFIGS,
+    key=AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": prune_configs},
+    reset_to_zero=["ready_ptr"],  # the timing runs set the flags; every run must start from zero
+)
+@triton.jit
+def _fused_kernel(
+    a_ptr, b_ptr, c_ptr, e_ptr, bias_ptr, out_ptr, side_ptr, ready_ptr,
+    T, R, N, K, T_BUCKET,
+    stride_at, stride_ar, stride_br, stride_bn, stride_cr, stride_ck, stride_en, stride_ek,
+    stride_bias,
+    K_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr, ADAPTER_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    # Program ids run group by group; a group is up to GROUP_M row blocks: first their side programs,
+    # then their output tiles column by column, so consecutive programs share a tile of B in L2 and a
+    # group's rows of A stay in L2 across its columns.
+    pid = tl.program_id(0)
+    n_row_blocks = tl.cdiv(T, BLOCK_M)
+    group_size = GROUP_M * (1 + tl.cdiv(N, BLOCK_N))
+    group = pid // group_size
+    first_row_block = group * GROUP_M
+    rows_in_group = tl.minimum(n_row_blocks - first_row_block, GROUP_M)
+    local = pid - group * group_size
+    if local < rows_in_group:
+        _side_program(
+            a_ptr, c_ptr, side_ptr, ready_ptr, first_row_block + local, T, R, K,
+            stride_at, stride_ar, stride_cr, stride_ck,
+            K_PAD, PRECISION, BLOCK_M, BLOCK_R,
+        )  # fmt: skip
+    else:
+        tile = local - rows_in_group
+        _output_program(
+            a_ptr, b_ptr, e_ptr, bias_ptr, out_ptr, side_ptr, ready_ptr,
+            first_row_block + tile % rows_in_group, tile // rows_in_group, T, R, N, K,
+            stride_at, stride_ar, stride_br, stride_bn, stride_en, stride_ek, stride_bias,
+            K_PAD, HAS_BIAS, PRECISION, ADAPTER_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R,
+        )  # fmt: skip
+
+
+def _padded_rank(rank: int) -> int:
+    """K padded to a power of two >= 16, the smallest operand size of tl.dot."""
+    return max(16, triton.next_power_of_2(rank))
+
+
+def _launch(
+    a: Tensor, b: Tensor, c: Tensor, e: Tensor, bias: Tensor | None,
+    out: Tensor, side: Tensor, adapter_precision: str,
+) -> None:  # fmt: skip
+    """out = A B + bias + side E^T and side = A C (module docstring); out may have N = 0 columns."""
+    T, R = a.shape
+    N, K = b.shape[1], c.shape[1]
+    if T == 0:
+        return
+    ready = torch.zeros(triton.cdiv(T, MIN_BLOCK_M), dtype=torch.int32, device=a.device)
+
+    def grid(meta):
+        return (triton.cdiv(T, meta["BLOCK_M"]) * (1 + triton.cdiv(N, meta["BLOCK_N"])),)
+
+    device = torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext()
+    with device:
+        _fused_kernel[grid](
+            a, b, c, e, bias if bias is not None else e, out, side, ready,
+            T, R, N, K, max(16, triton.next_power_of_2(T)),
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+            e.stride(0), e.stride(1), bias.stride(0) if bias is not None else 0,
+            K_PAD=_padded_rank(K), HAS_BIAS=bias is not None,
+            PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+            ADAPTER_PRECISION=adapter_precision,
+        )  # fmt: skip
+
+
+def _check_matrix(name: str, t: Tensor, shape: tuple[int, int], dtype: torch.dtype, device) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the input is on {device}")
+
+
+def _check_output(name: str, t: Tensor | None, shape, dtype, device) -> Tensor:
+    """The caller's output buffer after checks, or a new one."""
+    if t is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    _check_matrix(name, t, shape, dtype, device)
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    return t
+
+
+def _check_common(
+    name: str,
+    a: Tensor,
+    weight: Tensor,
+    basis_name: str,
+    basis: Tensor,
+    adapter_precision: str | None,
+) -> str:
+    """Checks shared by both passes; returns the adapter precision to use."""
+    if not isinstance(a, Tensor) or a.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D Tensor (T, features), got {getattr(a, 'shape', a)}")
+    if a.dtype not in DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {a.dtype}")
+    if INTERPRET and a.dtype == torch.bfloat16:
+        raise TypeError("the Triton interpreter cannot compute in bfloat16; run bfloat16 on a GPU")
+    if not a.is_cuda and not INTERPRET:
+        raise ValueError(
+            f"{name} is on {a.device}; CPU tensors need TRITON_INTERPRET=1 set before "
+            "attrspace.kernels is imported"
+        )
+    if not isinstance(weight, Tensor) or weight.ndim != 2:
+        raise ValueError(
+            f"weight must be a 2-D Tensor (d_out, d_in), got {getattr(weight, 'shape', weight)}"
+        )
+    if not isinstance(basis, Tensor) or basis.ndim != 2:
+        raise ValueError(
+            f"{basis_name} must be a 2-D Tensor (features, K), got {getattr(basis, 'shape', basis)}"
+        )
+    if not 1 <= basis.shape[1] <= MAX_RANK:
+        raise ValueError(
+            f"the rank K ({basis_name}.shape[1]) must be in 1..{MAX_RANK}, got {basis.shape[1]}"
+        )
+    precision = adapter_precision or _DEFAULT_ADAPTER_PRECISION[a.dtype]
+    if precision not in ADAPTER_PRECISIONS:
+        raise ValueError(
+            f"adapter_precision must be one of {ADAPTER_PRECISIONS}, got {precision!r}"
+        )
+    if precision == "input" and a.dtype == torch.float32:
+        raise ValueError(
+            'adapter_precision="input" is for float16 / bfloat16 inputs; use "ieee" or "tf32"'
+        )
+    return precision
+
+
+def subspace_linear_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    V: Tensor,
+    P: Tensor,
+    *,
+    out: Tensor | None = None,
+    z_out: Tensor | None = None,
+    adapter_precision: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """y = x W^T + b + z P^T and z = x V in one launch (see attrspace.reference.forward).
+
+    x: (T, d_in) fp32 / fp16 / bf16; weight: (d_out, d_in), bias: (d_out,) or None and V: (d_in, K), all
+    in x.dtype; P = s U M: (d_out, K) fp32, 1 <= K <= 128. out: (T, d_out) and z_out: (T, K), x.dtype,
+    contiguous, optional buffers to write into (tests poison them). adapter_precision: how z P^T is
+    multiplied (ADAPTER_PRECISIONS; default "ieee" for fp32, "tf32" for fp16, "input" for bf16).
+    Returns y: (T, d_out) and z: (T, K), both x.dtype, each rounded once from its fp32 sum; the adapter
+    term of y uses z as returned (x.dtype), added to y's fp32 accumulator before its one rounding.
+    """
+    precision = _check_common("x", x, weight, "V", V, adapter_precision)
+    (T, d_in), d_out, K = x.shape, weight.shape[0], V.shape[1]
+    _check_matrix("weight", weight, (d_out, d_in), x.dtype, x.device)
+    _check_matrix("V", V, (d_in, K), x.dtype, x.device)
+    _check_matrix("P", P, (d_out, K), torch.float32, x.device)
+    if bias is not None and (tuple(bias.shape) != (d_out,) or bias.dtype != x.dtype):
+        raise ValueError(f"bias must be ({d_out},) {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    if bias is not None and bias.device != x.device:
+        raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
+    y = _check_output("out", out, (T, d_out), x.dtype, x.device)
+    z = _check_output("z_out", z_out, (T, K), x.dtype, x.device)
+    _launch(x, weight.t(), V, P, bias, y, z, precision)
+    return y, z
+
+
+def subspace_linear_backward(
+    dy: Tensor,
+    weight: Tensor,
+    U: Tensor,
+    Q: Tensor,
+    need_dx: bool = True,
+    *,
+    dx_out: Tensor | None = None,
+    g_out: Tensor | None = None,
+    adapter_precision: str | None = None,
+) -> tuple[Tensor | None, Tensor]:
+    """dx = dy W + g Q^T and g = dy U in one launch (see attrspace.reference.backward).
+
+    dy: (T, d_out) fp32 / fp16 / bf16; weight: (d_out, d_in) and U: (d_out, K) in dy.dtype;
+    Q = s V M^T: (d_in, K) fp32, 1 <= K <= 128. dx_out: (T, d_in) dy.dtype and g_out: (T, K) fp32,
+    contiguous, optional buffers. With need_dx False only g is computed and dx is None.
+    Returns dx: (T, d_in) dy.dtype (rounded once from fp32) or None, and g: (T, K) fp32.
+    """
+    precision = _check_common("dy", dy, weight, "U", U, adapter_precision)
+    (T, d_out), d_in, K = dy.shape, weight.shape[1], U.shape[1]
+    _check_matrix("weight", weight, (d_out, d_in), dy.dtype, dy.device)
+    _check_matrix("U", U, (d_out, K), dy.dtype, dy.device)
+    _check_matrix("Q", Q, (d_in, K), torch.float32, dy.device)
+    g = _check_output("g_out", g_out, (T, K), torch.float32, dy.device)
+    if need_dx:
+        dx = _check_output("dx_out", dx_out, (T, d_in), dy.dtype, dy.device)
+        _launch(dy, weight, U, Q, None, dx, g, precision)
+        return dx, g
+    # No output columns: the launch runs only the side programs.
+    _launch(dy, weight[:, :0], U, Q, None, g, g, precision)
+    return None, g
