@@ -44,11 +44,20 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _freeze_all(model: nn.Module) -> None:
-    """Remember every parameter's requires_grad (first injection only) and freeze them all."""
+    """Remember every parameter's requires_grad (first injection only) and freeze all but adapters.
+
+    Adapters injected earlier stay trainable, so a bank on the blocks and LoRA on the heads compose.
+    """
     if not hasattr(model, _SAVED_FLAGS):
         flags = {name: p.requires_grad for name, p in model.named_parameters()}
         object.__setattr__(model, _SAVED_FLAGS, flags)
     model.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, SubspaceLinear):
+            module.M.requires_grad_(True)
+        elif isinstance(module, (LoRALinear, LoRAConv2d)):
+            module.lora_A.requires_grad_(True)
+            module.lora_B.requires_grad_(True)
 
 
 def _report(model: nn.Module, kind: str, layers: list[str]) -> InjectionReport:

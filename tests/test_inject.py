@@ -122,3 +122,16 @@ def test_inject_lora_wraps_conv2d():
     report = inject_lora(net, targets=("0", "2"), rank=2, alpha=4)
     assert report.layers == ["0", "2"]
     assert report.trainable_params == 2 * 3 * 9 + 4 * 2 + 2 * 4 + 2 * 2
+
+
+def test_bank_and_lora_compose(model):
+    """A bank on some layers and LoRA on others: both kinds of adapter stay trainable."""
+    shapes = linear_shapes(model, ("attn.qkv", "attn.proj"))
+    inject(model, random_bank(shapes, 2))
+    report = inject_lora(model, targets=("mlp.fc1", "mlp.fc2"), rank=2, alpha=4)
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert [n for n in trainable if n.endswith(".M")] == sorted(f"{n}.M" for n in shapes)
+    assert len([n for n in trainable if "lora_" in n]) == 8
+    assert report.trainable_params == 4 * 2 * 2 + 2 * (2 * (32 + 128) + 2 * (128 + 32))
+    uninject(model)
+    assert all(p.requires_grad for p in model.parameters())

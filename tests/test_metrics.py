@@ -79,8 +79,6 @@ def test_point_cloud_metrics_hand_computed():
     assert out["accuracy_mean"] == pytest.approx(0.1)
     assert out["accuracy_median"] == pytest.approx(0.1)
     comp_4th = math.sqrt(1 + 0.1**2)  # gt (1, 1, 0) to its nearest pred, (1, 0, 0.1)
-        0.5**2 * 0 + 1 + 0.01
-    )  # (1, 1, 0) is 1 from (1, 0, .1) / (0, 1, .1) plus the lift
     assert out["completeness_mean"] == pytest.approx((3 * 0.1 + comp_4th) / 4)
     assert out["chamfer"] == pytest.approx(0.5 * (0.1 + (0.3 + comp_4th) / 4))
     assert out["nc_mean"] == pytest.approx(1.0) and out["nc_median"] == pytest.approx(1.0)

@@ -102,8 +102,13 @@ class VGGTConfig:
         bad = [i for i in self.dpt_layers if not 0 <= i < self.depth]
         if bad:
             raise ValueError(f"dpt_layers {self.dpt_layers} out of range for depth {self.depth}")
-        if self.dpt_features < 2:
-            raise ValueError("dpt_features must be >= 2 (output_conv1 halves it)")
+        # The DPT head adds a sin/cos UV embedding in four equal parts to every projected map and
+        # to output_conv1's output (dpt_features / 2 channels).
+        if any(c % 4 for c in self.dpt_out_channels) or self.dpt_features % 8:
+            raise ValueError(
+                f"dpt_out_channels {self.dpt_out_channels} must be multiples of 4 and "
+                f"dpt_features {self.dpt_features} a multiple of 8"
+            )
 
     @property
     def head_dim(self) -> int:

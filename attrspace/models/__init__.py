@@ -1,0 +1,1 @@
+"""Models the package can adapt."""

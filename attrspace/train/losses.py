@@ -1,0 +1,329 @@
+"""VGGT's training losses: camera (stage-weighted over the refinement iterations), depth and point
+maps (confidence-weighted, plus a gradient or normal term), as the released training code computes
+them. All weights are arguments; the defaults are the released fine-tuning configuration.
+
+Ground truth must be normalised first (`attrspace.models.vggt.pose.normalize_scene`; `vggt_loss`
+does it for you): camera 0 is the world frame, lengths are divided by the mean point distance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attrspace.models.vggt.pose import extrinsics_to_pose_encoding, normalize_scene
+
+_HARD_MAX = 100.0
+
+
+def _zero_like_graph(t: Tensor) -> Tensor:
+    """A zero that keeps `t` in the graph (so every parameter still gets a (zero) gradient)."""
+    return (t * 0).sum()
+
+
+def camera_loss(
+    pose_enc_list: list[Tensor],
+    gt_extrinsics: Tensor,
+    gt_intrinsics: Tensor,
+    image_hw: tuple[int, int],
+    point_masks: Tensor | None = None,
+    *,
+    gamma: float = 0.6,
+    weight_trans: float = 1.0,
+    weight_rot: float = 1.0,
+    weight_fov: float = 0.5,
+    min_valid_pixels: int = 100,
+) -> dict[str, Tensor]:
+    """L1 between predicted and ground-truth 9-D encodings, per refinement stage weighted by
+    gamma^(stages - 1 - i) (the last stage weighs 1), averaged over stages.
+
+    pose_enc_list: stages x (B, S, 9); gt_extrinsics (B, S, 3, 4); gt_intrinsics (B, S, 3, 3);
+    point_masks (B, S, H, W) bool: scenes whose frame 0 has <= min_valid_pixels valid pixels are
+    left out. Translation errors are clamped at 100 per element.
+    Returns loss_camera = wT * loss_T + wR * loss_R + wFoV * loss_FL, and the three parts.
+    """
+    if not pose_enc_list:
+        raise ValueError("pose_enc_list is empty")
+    gt = extrinsics_to_pose_encoding(gt_extrinsics, gt_intrinsics, image_hw)
+    if gt.shape != pose_enc_list[-1].shape:
+        raise ValueError(
+            f"ground truth encodes to {tuple(gt.shape)}, predictions are {tuple(pose_enc_list[-1].shape)}"
+        )
+    if point_masks is None:
+        valid = torch.ones(gt.shape[0], dtype=torch.bool, device=gt.device)
+    else:
+        valid = point_masks[:, 0].flatten(1).sum(1) > min_valid_pixels
+    n = len(pose_enc_list)
+    parts = {"loss_T": 0.0, "loss_R": 0.0, "loss_FL": 0.0}
+    for i, pred in enumerate(pose_enc_list):
+        w = gamma ** (n - 1 - i)
+        if not valid.any():
+            for key in parts:
+                parts[key] = parts[key] + _zero_like_graph(pred)
+            continue
+        diff = (pred[valid] - gt[valid].to(pred.dtype)).abs()
+        parts["loss_T"] = parts["loss_T"] + w * diff[..., :3].clamp(max=_HARD_MAX).mean()
+        parts["loss_R"] = parts["loss_R"] + w * diff[..., 3:7].mean()
+        parts["loss_FL"] = parts["loss_FL"] + w * diff[..., 7:].mean()
+    out = {key: value / n for key, value in parts.items()}
+    out["loss_camera"] = (
+        weight_trans * out["loss_T"] + weight_rot * out["loss_R"] + weight_fov * out["loss_FL"]
+    )
+    return out
+
+
+def filter_by_quantile(values: Tensor, quantile: float, min_elements: int = 1000) -> Tensor:
+    """Clamp at 100 and drop values at or above the `quantile` (nearest rank) when there are more
+    than `min_elements`; fewer values are returned unchanged. values: (N,) -> (M,)."""
+    if values.numel() <= min_elements or quantile <= 0:
+        return values
+    values = values.clamp(max=_HARD_MAX)
+    k = round(quantile * (values.numel() - 1)) + 1
+    threshold = min(torch.kthvalue(values.detach().flatten(), k).values.item(), _HARD_MAX)
+    kept = values < threshold
+    return values[kept] if kept.sum() > min_elements else values
+
+
+def gradient_loss(
+    pred: Tensor,
+    gt: Tensor,
+    mask: Tensor,
+    conf: Tensor | None = None,
+    *,
+    gamma: float = 1.0,
+    alpha: float = 0.2,
+) -> Tensor:
+    """L1 of the horizontal and vertical finite differences of the masked residual pred - gt,
+    summed and divided by the number of valid values. pred, gt (N, H, W, C); mask (N, H, W);
+    conf (N, H, W) optional: weights each difference as gamma * d * c - alpha * log c."""
+    m = mask[..., None].expand_as(pred).to(pred.dtype)
+    diff = (pred - gt) * m
+    grad_x = (diff[:, :, 1:] - diff[:, :, :-1]).abs() * (m[:, :, 1:] * m[:, :, :-1])
+    grad_y = (diff[:, 1:] - diff[:, :-1]).abs() * (m[:, 1:] * m[:, :-1])
+    grad_x, grad_y = grad_x.clamp(max=_HARD_MAX), grad_y.clamp(max=_HARD_MAX)
+    if conf is not None:
+        cx = conf[..., None].expand_as(pred)[:, :, 1:]
+        cy = conf[..., None].expand_as(pred)[:, 1:]
+        grad_x = gamma * grad_x * cx - alpha * torch.log(cx)
+        grad_y = gamma * grad_y * cy - alpha * torch.log(cy)
+    count = m.sum()
+    if count == 0:
+        return _zero_like_graph(pred)
+    return (grad_x.sum() + grad_y.sum()) / count
+
+
+def point_map_normals(points: Tensor, mask: Tensor, eps: float = 1e-8) -> tuple[Tensor, Tensor]:
+    """Normals from the cross products of the 4 neighbour pairs (up-left, left-down, down-right,
+    right-up) of a point map. points (N, H, W, 3), mask (N, H, W) bool ->
+    normals (4, N, H, W, 3) unit, valid (4, N, H, W) bool (the pixel and both neighbours valid)."""
+    pts = F.pad(points.permute(0, 3, 1, 2), (1, 1, 1, 1)).permute(0, 2, 3, 1)
+    pm = F.pad(mask, (1, 1, 1, 1))
+    center = pts[:, 1:-1, 1:-1]
+    up, down = pts[:, :-2, 1:-1] - center, pts[:, 2:, 1:-1] - center
+    left, right = pts[:, 1:-1, :-2] - center, pts[:, 1:-1, 2:] - center
+    normals = torch.stack(
+        (
+            torch.cross(up, left, dim=-1),
+            torch.cross(left, down, dim=-1),
+            torch.cross(down, right, dim=-1),
+            torch.cross(right, up, dim=-1),
+        )
+    )
+    c = pm[:, 1:-1, 1:-1]
+    m_up, m_down, m_left, m_right = (
+        pm[:, :-2, 1:-1],
+        pm[:, 2:, 1:-1],
+        pm[:, 1:-1, :-2],
+        pm[:, 1:-1, 2:],
+    )
+    valid = torch.stack((m_up & m_left, m_left & m_down, m_down & m_right, m_right & m_up)) & c
+    return F.normalize(normals, dim=-1, eps=eps), valid
+
+
+def normal_loss(
+    pred: Tensor,
+    gt: Tensor,
+    mask: Tensor,
+    conf: Tensor | None = None,
+    *,
+    gamma: float = 1.0,
+    alpha: float = 0.2,
+    eps: float = 1e-8,
+) -> Tensor:
+    """Mean of 1 - cos between predicted and ground-truth point-map normals where both are
+    valid. pred, gt (N, H, W, 3); mask (N, H, W); conf (N, H, W) optional weighting."""
+    pn, pv = point_map_normals(pred, mask, eps)
+    gn, gv = point_map_normals(gt, mask, eps)
+    valid = pv & gv
+    if valid.sum() < 10:
+        return _zero_like_graph(pred)
+    dot = (pn[valid] * gn[valid]).sum(-1).clamp(-1 + eps, 1 - eps)
+    loss = 1 - dot
+    if conf is not None:
+        c = conf[None].expand(4, -1, -1, -1)[valid]
+        loss = gamma * loss * c - alpha * torch.log(c)
+    return loss.mean()
+
+
+def _multi_scale(
+    fn, pred: Tensor, gt: Tensor, mask: Tensor, conf: Tensor | None, scales: int
+) -> Tensor:
+    total = 0.0
+    for s in range(scales):
+        step = 2**s
+        sub_conf = conf[:, ::step, ::step] if conf is not None else None
+        total = total + fn(
+            pred[:, ::step, ::step], gt[:, ::step, ::step], mask[:, ::step, ::step], sub_conf
+        )
+    return total / scales
+
+
+def regression_loss(
+    pred: Tensor,
+    gt: Tensor,
+    mask: Tensor,
+    conf: Tensor,
+    *,
+    gradient: str | None,
+    gamma: float = 1.0,
+    alpha: float = 0.2,
+    valid_range: float = 0.98,
+    gradient_conf: bool = False,
+) -> dict[str, Tensor]:
+    """Confidence-weighted regression of a dense map.
+
+    pred, gt (B, S, H, W, C); mask (B, S, H, W) bool; conf (B, S, H, W) > 1.
+    e = ||gt - pred|| per valid pixel; conf term mean(gamma * e * c - alpha * log c); reg term
+    mean(e) (both filtered by `valid_range`, see filter_by_quantile); gradient term "grad" (L1 of
+    residual differences, 4 scales), "normal" (1 - cos of neighbour normals, 3 scales) or None.
+    Returns {"conf", "reg", "grad"} (scalars).
+    """
+    if pred.shape != gt.shape or pred.shape[:-1] != mask.shape or conf.shape != mask.shape:
+        raise ValueError(
+            f"shapes do not fit: pred {tuple(pred.shape)}, gt {tuple(gt.shape)}, "
+            f"mask {tuple(mask.shape)}, conf {tuple(conf.shape)}"
+        )
+    if gradient not in ("grad", "normal", None):
+        raise ValueError(f"gradient must be 'grad', 'normal' or None, got {gradient!r}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be bool, got {mask.dtype}")
+    if not torch.isfinite(gt[mask]).all():
+        raise ValueError("ground truth holds NaN or infinite values at valid pixels")
+    err = (gt[mask] - pred[mask]).norm(dim=-1)
+    conf_term = gamma * err * conf[mask] - alpha * torch.log(conf[mask])
+    b, s, h, w, c = pred.shape
+    flat = (pred.reshape(b * s, h, w, c), gt.reshape(b * s, h, w, c), mask.reshape(b * s, h, w))
+    grad_conf = conf.reshape(b * s, h, w) if gradient_conf else None
+    if gradient == "grad":
+        grad_term = _multi_scale(
+            lambda *a: gradient_loss(*a, gamma=gamma, alpha=alpha), *flat, grad_conf, 4
+        )
+    elif gradient == "normal":
+        grad_term = _multi_scale(
+            lambda *a: normal_loss(*a, gamma=gamma, alpha=alpha), *flat, grad_conf, 3
+        )
+    else:
+        grad_term = _zero_like_graph(pred)
+    if err.numel() == 0:
+        zero = _zero_like_graph(pred)
+        return {"conf": zero, "reg": zero, "grad": grad_term}
+    return {
+        "conf": filter_by_quantile(conf_term, valid_range).mean(),
+        "reg": filter_by_quantile(err, valid_range).mean(),
+        "grad": grad_term,
+    }
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Weights and options of `vggt_loss` (defaults: the released fine-tuning configuration, with
+    the point loss as its suggested setting)."""
+
+    camera_weight: float = 5.0
+    camera_gamma: float = 0.6
+    weight_trans: float = 1.0
+    weight_rot: float = 1.0
+    weight_fov: float = 0.5
+    depth_weight: float = 1.0
+    depth_gradient: str | None = "grad"
+    point_weight: float = 1.0
+    point_gradient: str | None = "normal"
+    conf_gamma: float = 1.0
+    conf_alpha: float = 0.2
+    valid_range: float = 0.98
+    min_valid_pixels: int = 100
+
+
+def vggt_loss(
+    predictions: dict, batch: dict, config: LossConfig | None = None, *, normalize: bool = True
+) -> dict[str, Tensor]:
+    """The total training objective of the heads present in `predictions`.
+
+    batch: images (B, S, 3, H, W), depths (B, S, H, W), extrinsics (B, S, 3, 4), intrinsics
+    (B, S, 3, 3), world_points (B, S, H, W, 3), point_masks (B, S, H, W) bool. normalize=True
+    first expresses the ground truth in camera 0's frame at unit mean point distance.
+    Returns every part and "objective" = camera_weight * loss_camera + depth_weight * (conf + reg +
+    grad of depth) + point_weight * (same for points).
+    """
+    cfg = LossConfig() if config is None else config
+    missing = [
+        k
+        for k in ("images", "depths", "extrinsics", "intrinsics", "world_points", "point_masks")
+        if k not in batch
+    ]
+    if missing:
+        raise ValueError(f"batch lacks {missing}")
+    masks = batch["point_masks"]
+    extrinsics, depths, points = batch["extrinsics"], batch["depths"], batch["world_points"]
+    if normalize:
+        scene = normalize_scene(extrinsics, depths, points, masks)
+        extrinsics, depths, points = scene.extrinsics, scene.depths, scene.world_points
+    image_hw = tuple(batch["images"].shape[-2:])
+    out: dict[str, Tensor] = {}
+    objective = 0.0
+    if "pose_enc_list" in predictions:
+        cam = camera_loss(
+            predictions["pose_enc_list"],
+            extrinsics,
+            batch["intrinsics"],
+            image_hw,
+            masks,
+            gamma=cfg.camera_gamma,
+            weight_trans=cfg.weight_trans,
+            weight_rot=cfg.weight_rot,
+            weight_fov=cfg.weight_fov,
+            min_valid_pixels=cfg.min_valid_pixels,
+        )
+        out.update(cam)
+        objective = objective + cfg.camera_weight * cam["loss_camera"]
+    dense = (
+        ("depth", depths[..., None], cfg.depth_weight, cfg.depth_gradient),
+        ("world_points", points, cfg.point_weight, cfg.point_gradient),
+    )
+    for key, gt, weight, gradient in dense:
+        if key not in predictions:
+            continue
+        name = "depth" if key == "depth" else "point"
+        if masks.sum() < cfg.min_valid_pixels:
+            parts = dict.fromkeys(("conf", "reg", "grad"), _zero_like_graph(predictions[key]))
+        else:
+            parts = regression_loss(
+                predictions[key],
+                gt.to(predictions[key].dtype),
+                masks,
+                predictions[f"{key}_conf"],
+                gradient=gradient,
+                gamma=cfg.conf_gamma,
+                alpha=cfg.conf_alpha,
+                valid_range=cfg.valid_range,
+            )
+        for part, value in parts.items():
+            out[f"loss_{part}_{name}"] = value
+        objective = objective + weight * (parts["conf"] + parts["reg"] + parts["grad"])
+    if not out:
+        raise ValueError("predictions hold no camera, depth or point output")
+    out["objective"] = objective
+    return out
