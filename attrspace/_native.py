@@ -35,6 +35,9 @@ def cuda_unavailable_reason() -> str | None:
     module, reason = _load()
     if module is None:
         return reason
-    if not module.build_info()["built_with_cuda"]:
+    info = module.build_info()
+    if not info["built_with_cuda"]:
+        if info.get("cuda_request") == "OFF":
+            return "attrspace._C was built without CUDA (ATTRSPACE_CUDA=OFF at build time)"
         return "attrspace._C was built without CUDA (nvcc was not found at build time)"
     return None

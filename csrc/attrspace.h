@@ -18,6 +18,8 @@ struct SubspaceForwardParams {
   const float* p;     // (d_out, K), fp32: s U M
   void* y;            // (T, d_out), dtype
   void* z;            // (T, K), dtype
+  float* z_fp32;      // (T, K), fp32 scratch: z before rounding, read by the epilogue of y
+  int32_t* schedule;  // scratch of schedule_ints(T) int32, zeroed by the launcher (tile tickets)
   int64_t tokens, d_in, d_out, rank;
   DType dtype;
 };
@@ -30,11 +32,16 @@ struct SubspaceBackwardParams {
   const float* q;     // (d_in, K), fp32: s V M^T
   void* dx;           // (T, d_in), dtype, or nullptr when no input gradient is needed
   float* g;           // (T, K), fp32
+  int32_t* schedule;  // scratch of schedule_ints(T) int32, zeroed by the launcher (tile tickets)
   int64_t tokens, d_in, d_out, rank;
   DType dtype;
 };
 
 constexpr int64_t kMaxRank = 128;
+
+// Scratch int32 elements a launch needs: a tile-ticket counter and one flag per row block (row
+// blocks hold at least 64 tokens in every kernel family).
+inline int64_t schedule_ints(int64_t tokens) { return 1 + (tokens + 63) / 64; }
 
 // Implemented in subspace_linear.cu, or in no_cuda.cpp (which throws) when built without nvcc.
 void subspace_forward_cuda(const SubspaceForwardParams& params, std::uintptr_t stream);

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "attrspace.h"
+#include "jacobi_svd.h"
 
 namespace py = pybind11;
 
@@ -51,41 +52,50 @@ PYBIND11_MODULE(_C, m) {
     info["cuda_archs"] = std::string(kCudaArchs);
     info["max_rank"] = attrspace::kMaxRank;
     info["cuda_request"] = std::string(ATTRSPACE_CUDA_REQUEST);
+    info["cuda_compiler"] = std::string(ATTRSPACE_CUDA_COMPILER);
     return info;
   });
+
+  m.def("schedule_ints", &attrspace::schedule_ints, py::arg("tokens"),
+        "int32 scratch elements the subspace launchers need for `tokens` rows");
 
   m.def(
       "subspace_forward",
       [](std::uintptr_t x, std::uintptr_t w, std::uintptr_t bias, std::uintptr_t v, std::uintptr_t p,
-         std::uintptr_t y, std::uintptr_t z, int64_t tokens, int64_t d_in, int64_t d_out, int64_t rank,
-         int32_t dtype, std::uintptr_t stream) {
+         std::uintptr_t y, std::uintptr_t z, std::uintptr_t z_fp32, std::uintptr_t schedule,
+         int64_t tokens, int64_t d_in, int64_t d_out, int64_t rank, int32_t dtype,
+         std::uintptr_t stream) {
         check_sizes(tokens, d_in, d_out, rank);
-        attrspace::SubspaceForwardParams params{as_ptr<const void>(x), as_ptr<const void>(w),
+        attrspace::SubspaceForwardParams params{as_ptr<const void>(x),    as_ptr<const void>(w),
                                                 as_ptr<const void>(bias), as_ptr<const void>(v),
-                                                as_ptr<const float>(p), as_ptr<void>(y),
-                                                as_ptr<void>(z), tokens, d_in, d_out, rank,
+                                                as_ptr<const float>(p),   as_ptr<void>(y),
+                                                as_ptr<void>(z),          as_ptr<float>(z_fp32),
+                                                as_ptr<int32_t>(schedule), tokens, d_in, d_out, rank,
                                                 to_dtype(dtype)};
         py::gil_scoped_release release;
         attrspace::subspace_forward_cuda(params, stream);
       },
       py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("v"), py::arg("p"), py::arg("y"),
-      py::arg("z"), py::arg("tokens"), py::arg("d_in"), py::arg("d_out"), py::arg("rank"),
-      py::arg("dtype"), py::arg("stream"));
+      py::arg("z"), py::arg("z_fp32"), py::arg("schedule"), py::arg("tokens"), py::arg("d_in"),
+      py::arg("d_out"), py::arg("rank"), py::arg("dtype"), py::arg("stream"));
 
   m.def(
       "subspace_backward",
       [](std::uintptr_t dy, std::uintptr_t w, std::uintptr_t u, std::uintptr_t q, std::uintptr_t dx,
-         std::uintptr_t g, int64_t tokens, int64_t d_in, int64_t d_out, int64_t rank, int32_t dtype,
-         std::uintptr_t stream) {
+         std::uintptr_t g, std::uintptr_t schedule, int64_t tokens, int64_t d_in, int64_t d_out,
+         int64_t rank, int32_t dtype, std::uintptr_t stream) {
         check_sizes(tokens, d_in, d_out, rank);
         attrspace::SubspaceBackwardParams params{as_ptr<const void>(dy), as_ptr<const void>(w),
-                                                 as_ptr<const void>(u), as_ptr<const float>(q),
-                                                 as_ptr<void>(dx), as_ptr<float>(g), tokens, d_in,
-                                                 d_out, rank, to_dtype(dtype)};
+                                                 as_ptr<const void>(u),  as_ptr<const float>(q),
+                                                 as_ptr<void>(dx),       as_ptr<float>(g),
+                                                 as_ptr<int32_t>(schedule), tokens, d_in, d_out,
+                                                 rank, to_dtype(dtype)};
         py::gil_scoped_release release;
         attrspace::subspace_backward_cuda(params, stream);
       },
       py::arg("dy"), py::arg("w"), py::arg("u"), py::arg("q"), py::arg("dx"), py::arg("g"),
-      py::arg("tokens"), py::arg("d_in"), py::arg("d_out"), py::arg("rank"), py::arg("dtype"),
-      py::arg("stream"));
+      py::arg("schedule"), py::arg("tokens"), py::arg("d_in"), py::arg("d_out"), py::arg("rank"),
+      py::arg("dtype"), py::arg("stream"));
+
+  attrspace::register_svd(m);
 }

@@ -1,90 +1,109 @@
-// Fused kernels of the adapted layer (placeholder: plain per-element kernels, replaced by the tiled ones).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+// Host launchers of the fused adapter kernels (device code: subspace_linear_kernels.cuh).
+// Each pass is one launch on the caller's stream, preceded by a memset of the tile schedule.
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <stdexcept>
 #include <string>
 
 #include "attrspace.h"
+#include "check.cuh"
+#include "subspace_linear_kernels.cuh"
 
 namespace attrspace {
 namespace {
 
-__device__ float load(const float* p, int64_t i) { return p[i]; }
-__device__ float load(const __half* p, int64_t i) { return __half2float(p[i]); }
-__device__ float load(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
-__device__ void store(float* p, int64_t i, float v) { p[i] = v; }
-__device__ void store(__half* p, int64_t i, float v) { p[i] = __float2half_rn(v); }
-__device__ void store(__nv_bfloat16* p, int64_t i, float v) { p[i] = __float2bfloat16_rn(v); }
+namespace k = attrspace_kernels;
+using Kernel = void (*)(const void*, const void*, const void*, const void*, const float*, void*,
+                        float*, void*, int*, long long, long long, long long, long long);
 
-template <typename T>
-__device__ float project(const T* a, const T* m, int64_t row, int64_t col, int64_t inner, int64_t k) {
-  float acc = 0.f;
-  for (int64_t i = 0; i < inner; ++i) acc += load(a, row * inner + i) * load(m, i * k + col);
-  return acc;
+static_assert(k::kTcBlockM >= 64 && k::kSimtBlockM >= 64,
+              "schedule_ints() sizes the schedule for row blocks of at least 64 tokens");
+
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+void require(const void* pointer, const char* name) {
+  if (pointer == nullptr) throw std::invalid_argument(std::string(name) + " must not be null");
 }
 
-template <typename T>
-__global__ void naive_forward(SubspaceForwardParams p) {
-  const int64_t t = blockIdx.y;
-  const int64_t o = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const T* x = static_cast<const T*>(p.x);
-  const T* w = static_cast<const T*>(p.w);
-  const T* v = static_cast<const T*>(p.v);
-  if (o < p.rank) store(static_cast<T*>(p.z), t * p.rank + o, project(x, v, t, o, p.d_in, p.rank));
-  if (o >= p.d_out) return;
-  float acc = p.bias ? load(static_cast<const T*>(p.bias), o) : 0.f;
-  for (int64_t i = 0; i < p.d_in; ++i) acc += load(x, t * p.d_in + i) * load(w, o * p.d_in + i);
-  for (int64_t k = 0; k < p.rank; ++k) acc += project(x, v, t, k, p.d_in, p.rank) * p.p[o * p.rank + k];
-  store(static_cast<T*>(p.y), t * p.d_out + o, acc);
-}
-
-template <typename T>
-__global__ void naive_backward(SubspaceBackwardParams p) {
-  const int64_t t = blockIdx.y;
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const T* dy = static_cast<const T*>(p.dy);
-  const T* w = static_cast<const T*>(p.w);
-  const T* u = static_cast<const T*>(p.u);
-  if (i < p.rank) p.g[t * p.rank + i] = project(dy, u, t, i, p.d_out, p.rank);
-  if (p.dx == nullptr || i >= p.d_in) return;
-  float acc = 0.f;
-  for (int64_t o = 0; o < p.d_out; ++o) acc += load(dy, t * p.d_out + o) * load(w, o * p.d_in + i);
-  for (int64_t k = 0; k < p.rank; ++k) acc += project(dy, u, t, k, p.d_out, p.rank) * p.q[i * p.rank + k];
-  store(static_cast<T*>(p.dx), t * p.d_in + i, acc);
-}
-
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
+void launch(Kernel kernel, const k::FusedGemmArgs& args, DType dtype,
+            std::uintptr_t stream_handle) {
+  // The kernels index within a matrix dimension with 32-bit ints (products in 64 bits).
+  for (int64_t size : {args.m, args.n, args.kd, args.rank}) {
+    if (size >= (int64_t{1} << 30))
+      throw std::invalid_argument("sizes of 2^30 or more are not supported");
+  }
+  const bool fp32 = dtype == DType::kFloat32;
+  const int64_t block_m = fp32 ? k::kSimtBlockM : k::kTcBlockM;
+  const int64_t block_n = fp32 ? k::kSimtBlockN : k::kTcBlockN;
+  const int64_t n_row = cdiv(args.m, block_m);
+  const int64_t n_out = args.out != nullptr ? cdiv(args.n, block_n) : 0;
+  const int64_t tiles = n_row * (cdiv(args.rank, block_n) + n_out);
+  if (tiles > INT_MAX) throw std::invalid_argument("too many tiles for one launch");
+  auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  CUDA_CHECK(cudaMemsetAsync(args.schedule, 0, (1 + n_row) * sizeof(int), stream));
+  kernel<<<static_cast<unsigned>(tiles), k::kThreads, 0, stream>>>(
+      args.a, args.b_main, args.b_proj, args.bias, args.e, args.out, args.proj32, args.proj,
+      args.schedule, args.m, args.n, args.kd, args.rank);
+  CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace
 
 void subspace_forward_cuda(const SubspaceForwardParams& p, std::uintptr_t stream) {
   if (p.tokens == 0) return;
-  const int64_t cols = p.d_out > p.rank ? p.d_out : p.rank;
-  dim3 grid(unsigned((cols + 127) / 128), unsigned(p.tokens));
-  auto s = reinterpret_cast<cudaStream_t>(stream);
-  switch (p.dtype) {
-    case DType::kFloat32: naive_forward<float><<<grid, 128, 0, s>>>(p); break;
-    case DType::kFloat16: naive_forward<__half><<<grid, 128, 0, s>>>(p); break;
-    case DType::kBFloat16: naive_forward<__nv_bfloat16><<<grid, 128, 0, s>>>(p); break;
-  }
-  check(cudaGetLastError(), "subspace_forward_cuda launch");
+  require(p.x, "x");
+  require(p.w, "w");
+  require(p.v, "v");
+  require(p.p, "p");
+  require(p.y, "y");
+  require(p.z, "z");
+  require(p.z_fp32, "z_fp32");
+  require(p.schedule, "schedule");
+  k::FusedGemmArgs args{};
+  args.a = p.x;
+  args.b_main = p.w;  // B(k, n) = W[n][k]
+  args.b_proj = p.v;
+  args.bias = p.bias;
+  args.e = p.p;
+  args.out = p.y;
+  args.proj32 = p.z_fp32;
+  args.proj = p.z;
+  args.schedule = p.schedule;
+  args.m = p.tokens;
+  args.n = p.d_out;
+  args.kd = p.d_in;
+  args.rank = p.rank;
+  const Kernel kernel = by_dtype<Kernel>(p.dtype, k::attrspace_forward_f32,
+                                         k::attrspace_forward_f16, k::attrspace_forward_bf16);
+  launch(kernel, args, p.dtype, stream);
 }
 
 void subspace_backward_cuda(const SubspaceBackwardParams& p, std::uintptr_t stream) {
   if (p.tokens == 0) return;
-  const int64_t cols = p.d_in > p.rank ? p.d_in : p.rank;
-  dim3 grid(unsigned((cols + 127) / 128), unsigned(p.tokens));
-  auto s = reinterpret_cast<cudaStream_t>(stream);
-  switch (p.dtype) {
-    case DType::kFloat32: naive_backward<float><<<grid, 128, 0, s>>>(p); break;
-    case DType::kFloat16: naive_backward<__half><<<grid, 128, 0, s>>>(p); break;
-    case DType::kBFloat16: naive_backward<__nv_bfloat16><<<grid, 128, 0, s>>>(p); break;
-  }
-  check(cudaGetLastError(), "subspace_backward_cuda launch");
+  require(p.dy, "dy");
+  require(p.w, "w");
+  require(p.u, "u");
+  require(p.q, "q");
+  require(p.g, "g");
+  require(p.schedule, "schedule");
+  k::FusedGemmArgs args{};
+  args.a = p.dy;
+  args.b_main = p.w;  // dx = dy W reduces over d_out: B(k, n) = W[k][n], W read as stored
+  args.b_proj = p.u;
+  args.bias = nullptr;
+  args.e = p.q;
+  args.out = p.dx;  // null: only g
+  args.proj32 = p.g;
+  args.proj = nullptr;
+  args.schedule = p.schedule;
+  args.m = p.tokens;
+  args.n = p.d_in;
+  args.kd = p.d_out;
+  args.rank = p.rank;
+  const Kernel kernel = by_dtype<Kernel>(p.dtype, k::attrspace_backward_f32,
+                                         k::attrspace_backward_f16, k::attrspace_backward_bf16);
+  launch(kernel, args, p.dtype, stream);
 }
 
 }  // namespace attrspace
