@@ -1,4 +1,4 @@
-"""The ray caster: analytic cases, camera conventions, multi-view consistency, shading, determinism."""
+"""The ray caster: analytic cases, camera conventions, multi-view consistency, shading, bytes."""
 
 from __future__ import annotations
 
@@ -49,7 +49,9 @@ def test_sphere_depth_at_image_centre_matches_closed_form():
     d2 = 1.0 + 2 * (0.5 / k[0, 0].item()) ** 2
     t = (dist - math.sqrt(dist**2 - d2 * (dist**2 - r**2))) / d2
     centre = out["depths"][0, 27:29, 27:29]
-    assert torch.allclose(centre.double(), torch.full((2, 2), t, dtype=torch.float64), rtol=1e-5, atol=0)
+    assert torch.allclose(
+        centre.double(), torch.full((2, 2), t, dtype=torch.float64), rtol=1e-5, atol=0
+    )
     # every sphere pixel lies on the sphere and its normal is the radial direction
     on = (out["world_points"][0] - torch.tensor([0.0, 0.0, h])).norm(dim=-1)
     mask = out["valid"][0] & (on < r + 0.01)
@@ -67,7 +69,9 @@ def test_floor_and_box_normals_are_exact_axes():
     floor = valid & (pts[..., 2].abs() < 1e-4)
     assert floor.sum() > 500
     assert torch.equal(nrm[floor], torch.tensor([0.0, 0.0, 1.0]).expand(int(floor.sum()), 3))
-    on_box = valid & ((pts - torch.tensor([0.0, 0.0, 0.6])).abs() <= torch.tensor([0.4, 0.5, 0.3]) + 1e-4).all(-1)
+    on_box = valid & (
+        (pts - torch.tensor([0.0, 0.0, 0.6])).abs() <= torch.tensor([0.4, 0.5, 0.3]) + 1e-4
+    ).all(-1)
     assert on_box.sum() > 300
     n = nrm[on_box]
     assert torch.allclose(n.abs().max(-1).values, torch.ones(len(n)), atol=1e-6)  # one axis, unit
@@ -125,11 +129,11 @@ def _nearest_hit(spec: SceneSpec, origins: torch.Tensor, dirs: torch.Tensor) -> 
 
 @pytest.mark.parametrize("seed", [1, 4])
 def test_multi_view_consistency(seed):
-    """Points seen by view i, seen from view j: the ray from camera j towards them stops there unless
-    something nearer occludes them, and the pixel they project to shows the same point."""
+    """Points seen by view i, seen from view j: the ray from camera j towards them stops there
+    unless something nearer occludes them, and the pixel they project to shows the same point."""
     spec = family_specs("mixed", 1, 1, 3, seed=seed)[0].scenes[0]
-    out = render_scene(spec, 70)
-    h = w = 70
+    out = render_scene(spec, 56)
+    h = w = 56
     for i in range(3):
         for j in range(3):
             if i == j:
@@ -197,6 +201,8 @@ def test_same_spec_gives_identical_bytes_for_any_chunking_and_threads():
     for k in a:
         assert a[k].dtype == b[k].dtype and a[k].numpy().tobytes() == b[k].numpy().tobytes(), k
     assert a["images"].min() >= 0 and a["images"].max() <= 1
+    with pytest.raises(ValueError, match="threads must be a positive int"):
+        render_scene(spec, 56, threads=0)
 
 
 @pytest.mark.parametrize("size", [0, 50, (56, 57), "56", (56,)])

@@ -1,0 +1,223 @@
+"""Families of datasets in which exactly one scene attribute varies, plus the mixed family (for
+pre-training) and the held-out downstream tasks (never used for mining).
+
+Seeding: every draw comes from its own numpy stream keyed by (seed, family, dataset, scene,
+attribute), so a spec never depends on the order of draws, on the number of views of another
+attribute, or on which other datasets are generated. Inside dataset d of family a, scene k takes
+attribute a from its own stream (scene index k + 1) and every other attribute from the dataset's
+fixed stream (scene index 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from attrspace.data import sampling as smp
+from attrspace.data.render import check_size, render_scene
+from attrspace.data.scene import ATTRIBUTES, SceneSpec
+
+MIXED = "mixed"
+DOWNSTREAM_TASKS = ("microbaseline", "photo", "unusual_lighting")
+FAMILIES = (*ATTRIBUTES, MIXED, *DOWNSTREAM_TASKS)
+_FAMILY_CODE = {name: i for i, name in enumerate(FAMILIES)}
+_ATTR_CODE = {name: i for i, name in enumerate(ATTRIBUTES)}
+_STYLE_STREAM = 99
+
+MICROBASELINE_CAMERA = {
+    "kind": "handheld",
+    "fov_deg": [20.0, 35.0],
+    "radius": [2.8, 3.4],
+    "elevation_deg": [10.0, 35.0],
+    "span_deg": [0.0, 0.0],
+    "walk_step": 0.02,
+    "turn_deg": 0.3,
+}
+PHOTO_TEXTURE = {
+    "kinds": ["photo"],
+    "hue": 0.0,
+    "hue_spread": 0.5,
+    "frequency": [0.6, 1.2],
+    "specular": [0.0, 0.3],
+}
+
+# The arrays a rendered dataset keeps, with the shapes of one scene (S views, H x W pixels).
+ARRAY_KEYS = ("images", "depths", "extrinsics", "intrinsics")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset of a family: its name, the style of its varying attribute and its scene specs."""
+
+    name: str
+    family: str
+    index: int
+    styles: dict
+    scenes: tuple[SceneSpec, ...]
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "family": self.family,
+            "index": self.index,
+            "styles": self.styles,
+            "scenes": [s.to_dict() for s in self.scenes],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DatasetSpec:
+        want = {"name", "family", "index", "styles", "scenes"}
+        if not isinstance(d, dict) or set(d) != want:
+            raise ValueError(
+                f"DatasetSpec: expected a dict with keys {sorted(want)}, "
+                f"got {sorted(d) if isinstance(d, dict) else d!r}"
+            )
+        scenes = tuple(SceneSpec.from_dict(s) for s in d["scenes"])
+        return cls(d["name"], d["family"], d["index"], d["styles"], scenes)
+
+
+@dataclass
+class RenderedDataset:
+    """A dataset spec with its renders: arrays[k] has shape (N scenes, S, ...) as in render_scene
+    (images float32 in [0, 1] (N, S, 3, H, W), depths (N, S, H, W), extrinsics (N, S, 3, 4),
+    intrinsics (N, S, 3, 3))."""
+
+    spec: DatasetSpec
+    arrays: dict[str, Tensor] = field(repr=False)
+
+
+def _rng(seed: int, family: str, dataset: int, scene: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed, _FAMILY_CODE[family], dataset, scene, stream])
+
+
+def _draw(attribute: str, rng: np.random.Generator, views: int, style: dict):
+    if attribute == "geometry":
+        return smp.draw_geometry(rng, style)
+    if attribute == "texture":
+        return smp.draw_appearance(rng, style, room_style=smp.DEFAULT_STYLES["texture"])
+    if attribute == "camera":
+        return smp.draw_camera(rng, views, style)
+    return smp.draw_lighting(rng, style)
+
+
+def _check_args(
+    family: str, n_datasets: int, scenes_per_dataset: int, views: int, seed: int
+) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
+    for name, value, lo in (
+        ("n_datasets", n_datasets, 1),
+        ("scenes_per_dataset", scenes_per_dataset, 1),
+        ("views", views, 1),
+        ("seed", seed, 0),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+            raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+
+
+def _mixed_scene(family: str, seed: int, d: int, k: int, views: int) -> tuple[SceneSpec, dict]:
+    """Every attribute drawn afresh (with a random style); downstream tasks override one of them."""
+    styles = {
+        a: smp.draw_style(a, _rng(seed, family, d, k, _STYLE_STREAM + i))
+        for i, a in enumerate(ATTRIBUTES)
+    }
+    if family == "microbaseline":
+        styles["camera"] = MICROBASELINE_CAMERA
+    if family == "photo":
+        styles["texture"] = PHOTO_TEXTURE
+    parts = {
+        a: _draw(a, _rng(seed, family, d, k, _ATTR_CODE[a]), views, styles[a]) for a in ATTRIBUTES
+    }
+    if family == "unusual_lighting":
+        parts["lighting"] = smp.draw_unusual_lighting(
+            _rng(seed, family, d, k, _ATTR_CODE["lighting"])
+        )
+        styles["lighting"] = {"unusual": True}
+    return SceneSpec(**parts), styles
+
+
+def family_specs(
+    family: str, n_datasets: int, scenes_per_dataset: int, views: int, seed: int
+) -> list[DatasetSpec]:
+    """The scene specs of a family (no rendering).
+
+    family: an attribute (texture / geometry / camera / lighting): inside each dataset only that
+    field of the SceneSpec changes from scene to scene, the other three are one draw per dataset;
+    "mixed": everything varies; or a held-out downstream task (microbaseline / photo /
+    unusual_lighting)."""
+    _check_args(family, n_datasets, scenes_per_dataset, views, seed)
+    out = []
+    for d in range(n_datasets):
+        if family in ATTRIBUTES:
+            style = smp.draw_style(family, _rng(seed, family, d, 0, _STYLE_STREAM))
+            fixed = {
+                a: _draw(a, _rng(seed, family, d, 0, _ATTR_CODE[a]), views, smp.DEFAULT_STYLES[a])
+                for a in ATTRIBUTES
+                if a != family
+            }
+            scenes = []
+            for k in range(scenes_per_dataset):
+                varied = _draw(
+                    family, _rng(seed, family, d, k + 1, _ATTR_CODE[family]), views, style
+                )
+                scenes.append(SceneSpec(**fixed, **{family: varied}))
+            styles = {family: style}
+        else:
+            pairs = [_mixed_scene(family, seed, d, k, views) for k in range(scenes_per_dataset)]
+            scenes = [p[0] for p in pairs]
+            styles = {"per_scene": [p[1] for p in pairs]}
+        out.append(DatasetSpec(f"{family}_{d:02d}", family, d, styles, tuple(scenes)))
+    return out
+
+
+def iter_rendered_scenes(
+    spec: DatasetSpec, size: int | tuple[int, int], threads: int | None = None
+) -> Iterator[dict[str, Tensor]]:
+    """Render the scenes of a dataset one at a time (dicts as render_scene returns)."""
+    for scene in spec.scenes:
+        yield render_scene(scene, size, threads=threads)
+
+
+def render_dataset(
+    spec: DatasetSpec,
+    size: int | tuple[int, int],
+    on_scene: Callable[[], None] | None = None,
+    threads: int | None = None,
+) -> RenderedDataset:
+    """Render every scene of the dataset and stack ARRAY_KEYS along a new scene dim."""
+    check_size(size)
+    parts: dict[str, list[Tensor]] = {k: [] for k in ARRAY_KEYS}
+    for out in iter_rendered_scenes(spec, size, threads):
+        for k in ARRAY_KEYS:
+            parts[k].append(out[k])
+        if on_scene is not None:
+            on_scene()
+    return RenderedDataset(spec, {k: torch.stack(v) for k, v in parts.items()})
+
+
+def make_family(
+    attribute: str,
+    n_datasets: int,
+    scenes_per_dataset: int,
+    views: int,
+    size: int | tuple[int, int],
+    seed: int,
+    on_scene: Callable[[], None] | None = None,
+    threads: int | None = None,
+) -> list[RenderedDataset]:
+    """Draw and render a whole family in memory (see family_specs for the meaning of `attribute`).
+
+    on_scene is called after every rendered scene (e.g. a progress bar's update); threads is
+    passed to render_scene."""
+    check_size(size)
+    specs = family_specs(attribute, n_datasets, scenes_per_dataset, views, seed)
+    return [render_dataset(s, size, on_scene, threads) for s in specs]
+
+
+def differing_attributes(a: SceneSpec, b: SceneSpec) -> list[str]:
+    """The attribute fields in which two scene specs differ."""
+    return [name for name in ATTRIBUTES if getattr(a, name) != getattr(b, name)]

@@ -1,0 +1,341 @@
+"""Families on disk: safetensors shards plus a JSON manifest, and the torch Dataset that reads them.
+
+Layout of a family folder:
+    manifest.json                       written last: seed, family, sizes, every scene spec, and per
+                                        shard its file, scene range, byte count and sha256
+    <dataset name>/shard_00000.safetensors
+                                        images uint8 (n, S, 3, H, W), depths float32 (n, S, H, W),
+                                        extrinsics float32 (n, S, 3, 4),
+                                        intrinsics float32 (n, S, 3, 3)
+
+Every file goes through a temporary file and os.replace, so an interrupted run leaves either the old
+file or the new one, never half of one; and because the manifest is written after all shards, a
+folder without a manifest is an unfinished run, never a valid one. Images are stored as 8-bit (as
+photo datasets are), so a loaded image is within 1/510 of the render.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor
+
+from attrspace.data.families import (
+    ARRAY_KEYS,
+    DatasetSpec,
+    RenderedDataset,
+    family_specs,
+    iter_rendered_scenes,
+)
+from attrspace.data.render import check_size
+from attrspace.geometry import depth_to_camera_points, unproject_depth
+
+FORMAT = "attrspace-multiview"
+VERSION = 1
+MANIFEST = "manifest.json"
+STORED_DTYPES = {
+    "images": torch.uint8,
+    "depths": torch.float32,
+    "extrinsics": torch.float32,
+    "intrinsics": torch.float32,
+}
+
+
+class ShardError(ValueError):
+    """A stored shard or manifest is missing, truncated, tampered with or inconsistent."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write data to path via a temporary file in the same folder, fsync, then os.replace."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _scene_shapes(views: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
+    return {
+        "images": (views, 3, height, width),
+        "depths": (views, height, width),
+        "extrinsics": (views, 3, 4),
+        "intrinsics": (views, 3, 3),
+    }
+
+
+def to_stored(arrays: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Render outputs (any leading dims) -> the ARRAY_KEYS in their stored dtypes (8-bit images)."""
+    out = {k: arrays[k].to(torch.float32).contiguous() for k in ARRAY_KEYS}
+    out["images"] = (arrays["images"].clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).contiguous()
+    return out
+
+
+def write_shard(path: Path, stored: dict[str, Tensor]) -> dict:
+    """Store one shard (tensors as to_stored returns them, stacked over scenes) atomically
+    -> its manifest entry (byte count, sha256)."""
+    for k in ARRAY_KEYS:
+        if k not in stored or stored[k].dtype != STORED_DTYPES[k]:
+            raise TypeError(f"write_shard: {k} must be a {STORED_DTYPES[k]} tensor (see to_stored)")
+    data = st_save({k: stored[k].contiguous() for k in ARRAY_KEYS}, metadata={"format": FORMAT})
+    atomic_write_bytes(path, data)
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def write_family(
+    out: str | Path,
+    family: str,
+    n_datasets: int,
+    scenes_per_dataset: int,
+    views: int,
+    size: int | tuple[int, int],
+    seed: int,
+    shard_scenes: int = 64,
+    overwrite: bool = False,
+    on_scene: Callable[[], None] | None = None,
+    threads: int | None = None,
+) -> dict:
+    """Draw, render and store a family (see family_specs) scene by scene -> the manifest dict.
+
+    shard_scenes: scenes per shard file; threads: passed to render_scene. A folder that already
+    holds a manifest is refused unless overwrite is set, in which case that manifest is removed
+    before anything else is written."""
+    height, width = check_size(size)
+    if not isinstance(shard_scenes, int) or shard_scenes < 1:
+        raise ValueError(f"shard_scenes must be a positive int, got {shard_scenes!r}")
+    root = Path(out)
+    if (root / MANIFEST).exists():
+        if not overwrite:
+            raise FileExistsError(
+                f"{root / MANIFEST} exists; pass overwrite=True to replace the family"
+            )
+        (root / MANIFEST).unlink()
+    specs = family_specs(family, n_datasets, scenes_per_dataset, views, seed)
+    root.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for spec in specs:
+        (root / spec.name).mkdir(exist_ok=True)
+        shards, buffer, first = [], [], 0
+        for k, scene in enumerate(iter_rendered_scenes(spec, (height, width), threads)):
+            buffer.append(to_stored(scene))  # 8-bit images and no unused maps: small buffers
+            if on_scene is not None:
+                on_scene()
+            if len(buffer) == shard_scenes or k == len(spec.scenes) - 1:
+                rel = f"{spec.name}/shard_{len(shards):05d}.safetensors"
+                stacked = {key: torch.stack([b[key] for b in buffer]) for key in ARRAY_KEYS}
+                entry = write_shard(root / rel, stacked)
+                shards.append({"file": rel, "first_scene": first, "scenes": len(buffer), **entry})
+                first += len(buffer)
+                buffer = []
+        entries.append({**spec.to_dict(), "shards": shards})
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "family": family,
+        "seed": seed,
+        "n_datasets": n_datasets,
+        "scenes_per_dataset": scenes_per_dataset,
+        "views": views,
+        "height": height,
+        "width": width,
+        "arrays": {k: str(v).removeprefix("torch.") for k, v in STORED_DTYPES.items()},
+        "datasets": entries,
+    }
+    atomic_write_bytes(root / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    return manifest
+
+
+def read_manifest(root: str | Path) -> dict:
+    """Load and validate a family's manifest (format, version, counts, shard coverage)."""
+    path = Path(root) / MANIFEST
+    if not path.exists():
+        raise ShardError(f"{path} not found: not a family folder, or a run that did not finish")
+    try:
+        m = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ShardError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("version") != VERSION:
+        raise ShardError(f"{path}: expected format {FORMAT!r} version {VERSION}")
+    need = {
+        "family",
+        "seed",
+        "n_datasets",
+        "scenes_per_dataset",
+        "views",
+        "height",
+        "width",
+        "datasets",
+    }
+    if not need <= set(m):
+        raise ShardError(f"{path}: missing keys {sorted(need - set(m))}")
+    if len(m["datasets"]) != m["n_datasets"]:
+        raise ShardError(
+            f"{path}: {len(m['datasets'])} datasets listed, n_datasets = {m['n_datasets']}"
+        )
+    shard_keys = {"file", "first_scene", "scenes", "bytes", "sha256"}
+    for ds in m["datasets"]:
+        if not isinstance(ds, dict) or not {"name", "scenes", "shards"} <= set(ds):
+            raise ShardError(f"{path}: a dataset entry lacks name, scenes or shards")
+        for shard in ds["shards"]:
+            if not isinstance(shard, dict) or set(shard) != shard_keys:
+                raise ShardError(
+                    f"{path}: dataset {ds['name']}: shard entries need {sorted(shard_keys)}"
+                )
+            rel = Path(shard["file"])
+            if rel.is_absolute() or ".." in rel.parts:
+                raise ShardError(f"{path}: shard path {shard['file']!r} leaves the family folder")
+        covered = sum(s["scenes"] for s in ds["shards"])
+        if len(ds["scenes"]) != m["scenes_per_dataset"] or covered != m["scenes_per_dataset"]:
+            raise ShardError(
+                f"{path}: dataset {ds['name']} has {len(ds['scenes'])} specs and "
+                f"{covered} stored scenes, expected {m['scenes_per_dataset']}"
+            )
+    return m
+
+
+def dataset_specs(manifest: dict) -> list[DatasetSpec]:
+    """The DatasetSpecs stored in a manifest (validated dataclasses, exact floats)."""
+    return [
+        DatasetSpec.from_dict({k: ds[k] for k in ("name", "family", "index", "styles", "scenes")})
+        for ds in manifest["datasets"]
+    ]
+
+
+def load_shard(root: str | Path, entry: dict, manifest: dict) -> dict[str, Tensor]:
+    """Read one shard, check its size, checksum, keys, dtypes and shapes -> the stored tensors."""
+    path = Path(root) / entry["file"]
+    if not path.exists():
+        raise ShardError(f"shard {path} is missing")
+    data = path.read_bytes()
+    if len(data) != entry["bytes"]:
+        raise ShardError(
+            f"shard {path} is truncated or padded: {len(data)} bytes, "
+            f"manifest says {entry['bytes']}"
+        )
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise ShardError(f"shard {path} does not match its sha256 checksum (corrupt or modified)")
+    try:
+        tensors = st_load(data)
+    except (SafetensorError, ValueError) as exc:
+        raise ShardError(f"shard {path} cannot be parsed: {exc}") from exc
+    shapes = _scene_shapes(manifest["views"], manifest["height"], manifest["width"])
+    if set(tensors) != set(ARRAY_KEYS):
+        raise ShardError(f"shard {path} holds {sorted(tensors)}, expected {sorted(ARRAY_KEYS)}")
+    for k in ARRAY_KEYS:
+        t, want = tensors[k], (entry["scenes"], *shapes[k])
+        if t.dtype != STORED_DTYPES[k] or tuple(t.shape) != want:
+            raise ShardError(
+                f"shard {path}: {k} is {t.dtype} {tuple(t.shape)}, "
+                f"expected {STORED_DTYPES[k]} {want}"
+            )
+    return tensors
+
+
+def make_sample(
+    images: Tensor, depths: Tensor, extrinsics: Tensor, intrinsics: Tensor, seq_name: str
+) -> dict:
+    """One VGGT training sample (S views of H x W; keys and meanings as in VGGT's datasets):
+    images float32 (S, 3, H, W) in [0, 1] (uint8 input is divided by 255); depths (S, H, W);
+    extrinsics (S, 3, 4) camera-from-world; intrinsics (S, 3, 3); cam_points and world_points
+    (S, H, W, 3) from the depth through attrspace.geometry; point_masks bool (S, H, W) =
+    depth > 1e-8;
+    ids (S,) int64 view indices; seq_name str."""
+    if images.dtype == torch.uint8:
+        images = images.to(torch.float32) / 255.0
+    masks = depths > 1e-8
+    cam = depth_to_camera_points(depths, intrinsics) * masks[..., None]
+    world = unproject_depth(depths, intrinsics, extrinsics) * masks[..., None]
+    return {
+        "images": images,
+        "depths": depths,
+        "extrinsics": extrinsics,
+        "intrinsics": intrinsics,
+        "cam_points": cam,
+        "world_points": world,
+        "point_masks": masks,
+        "ids": torch.arange(images.shape[0]),
+        "seq_name": seq_name,
+    }
+
+
+class MultiViewDataset(torch.utils.data.Dataset):
+    """Scenes of a stored family as VGGT sample dicts (see make_sample).
+
+    root: a family folder written by write_family; datasets: names to keep (default: all).
+    Shards are read, verified and kept in a small LRU cache of `cache_shards` entries."""
+
+    def __init__(
+        self, root: str | Path, datasets: Sequence[str] | None = None, cache_shards: int = 4
+    ):
+        if isinstance(datasets, str):
+            raise TypeError("datasets must be a sequence of dataset names, not one string")
+        self.root = Path(root)
+        self.manifest = read_manifest(self.root)
+        names = [d["name"] for d in self.manifest["datasets"]]
+        unknown = sorted(set(datasets or ()) - set(names))
+        if unknown:
+            raise ValueError(f"datasets {unknown} are not in {self.root}; it holds {names}")
+        self._index: list[tuple[str, dict, int]] = []  # (dataset name, shard entry, row in shard)
+        for ds in self.manifest["datasets"]:
+            if datasets is None or ds["name"] in datasets:
+                for shard in ds["shards"]:
+                    self._index += [(ds["name"], shard, r) for r in range(shard["scenes"])]
+        self._cache: OrderedDict[str, dict[str, Tensor]] = OrderedDict()
+        self._cache_size = max(1, cache_shards)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def _shard(self, entry: dict) -> dict[str, Tensor]:
+        key = entry["file"]
+        if key not in self._cache:
+            self._cache[key] = load_shard(self.root, entry, self.manifest)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(key)
+        return self._cache[key]
+
+    def __getitem__(self, i: int) -> dict:
+        name, entry, row = self._index[_check_index(i, len(self))]
+        arrays = self._shard(entry)
+        return make_sample(
+            *(arrays[k][row] for k in ("images", "depths", "extrinsics", "intrinsics")),
+            seq_name=f"{name}/scene_{entry['first_scene'] + row:05d}",
+        )
+
+
+class InMemoryMultiViewDataset(torch.utils.data.Dataset):
+    """The same samples over renders held in memory (make_family's output; images not quantised)."""
+
+    def __init__(self, rendered: Sequence[RenderedDataset]):
+        self._items = [(r, k) for r in rendered for k in range(len(r.spec.scenes))]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, i: int) -> dict:
+        r, k = self._items[_check_index(i, len(self))]
+        return make_sample(
+            *(r.arrays[key][k] for key in ("images", "depths", "extrinsics", "intrinsics")),
+            seq_name=f"{r.spec.name}/scene_{k:05d}",
+        )
+
+
+def _check_index(i: int, n: int) -> int:
+    if not -n <= i < n:
+        raise IndexError(f"index {i} out of range for {n} scenes")
+    return i % n
