@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .bank import SubspaceBank
-from .nn import LoRAConv2d, LoRALinear, SubspaceLinear
+from .nn import LoRAConv2d, LoRALinear, SubspaceLinear, conv_arguments
 
 _SAVED_FLAGS = "_attrspace_requires_grad"
 _ADAPTERS = (SubspaceLinear, LoRALinear, LoRAConv2d)
@@ -147,29 +147,19 @@ def inject_lora(
 
 
 def _plain(module: nn.Module, merge: bool) -> nn.Module:
-    if isinstance(module, nn.Conv2d):
-        plain = nn.Conv2d(
-            module.in_channels,
-            module.out_channels,
-            module.kernel_size,
-            stride=module.stride,
-            padding=module.padding,
-            dilation=module.dilation,
-            bias=module.bias is not None,
-            padding_mode=module.padding_mode,
-            device="meta",
-        )
-    else:
-        plain = nn.Linear(
-            module.in_features, module.out_features, bias=module.bias is not None, device="meta"
-        )
     if isinstance(module, SubspaceLinear) and module.merged:
         raise RuntimeError(
             "unmerge() the layer before uninject; use uninject(merge=True) to fold updates"
         )
+    if isinstance(module, nn.Conv2d):
+        plain = nn.Conv2d(**conv_arguments(module), device="meta")
+    else:
+        plain = nn.Linear(
+            module.in_features, module.out_features, bias=module.bias is not None, device="meta"
+        )
     if merge:
         with torch.no_grad():
-            delta = _delta(module).reshape(module.weight.shape)
+            delta = module.delta_weight().reshape(module.weight.shape)
             plain.weight = nn.Parameter(
                 (module.weight.to(delta.dtype) + delta).to(module.weight.dtype)
             )
@@ -177,15 +167,6 @@ def _plain(module: nn.Module, merge: bool) -> nn.Module:
         plain.weight = module.weight
     plain.bias = module.bias
     return plain
-
-
-def _delta(module: nn.Module) -> torch.Tensor:
-    if isinstance(module, LoRAConv2d):
-        # B (out, r, 1, 1) after A (r, in, k, k) composes to one conv kernel (out, in, k, k).
-        b = module.lora_B.weight.flatten(1).float()
-        a = module.lora_A.weight.flatten(1).float()
-        return module.scaling * (b @ a)
-    return module.delta_weight()
 
 
 def uninject(model: nn.Module, merge: bool = False) -> list[str]:

@@ -26,6 +26,20 @@ def _share_base(new: nn.Module, old: nn.Module) -> None:
         new.bias.requires_grad_(False)
 
 
+def conv_arguments(conv: nn.Conv2d) -> dict:
+    """The constructor arguments that rebuild `conv`'s geometry (no weights)."""
+    return {
+        "in_channels": conv.in_channels,
+        "out_channels": conv.out_channels,
+        "kernel_size": conv.kernel_size,
+        "stride": conv.stride,
+        "padding": conv.padding,
+        "dilation": conv.dilation,
+        "bias": conv.bias is not None,
+        "padding_mode": conv.padding_mode,
+    }
+
+
 def _check_basis(name: str, t: Tensor, rows: int, rank: int | None, layer: str) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
@@ -243,17 +257,7 @@ class LoRAConv2d(nn.Conv2d):
             )
         if rank <= 0:
             raise ValueError(f"LoRA rank must be positive, got {rank}")
-        super().__init__(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
-            device="meta",
-        )
+        super().__init__(**conv_arguments(conv), device="meta")
         _share_base(self, conv)
         factory = {"device": conv.weight.device, "dtype": conv.weight.dtype}
         self.rank, self.alpha = rank, float(alpha)
@@ -279,6 +283,13 @@ class LoRAConv2d(nn.Conv2d):
         cls, conv: nn.Conv2d, rank: int, alpha: float, dropout: float = 0.0
     ) -> LoRAConv2d:
         return cls(conv, rank, alpha, dropout)
+
+    @torch.no_grad()
+    def delta_weight(self) -> Tensor:
+        """scaling * B A as one kernel (out, in, kh, kw) in float32: B is 1x1, so it composes with A."""
+        b = self.lora_B.weight.flatten(1).float()
+        a = self.lora_A.weight.flatten(1).float()
+        return (self.scaling * (b @ a)).reshape(self.weight.shape)
 
     def forward(self, x: Tensor) -> Tensor:
         base = super().forward(x)
