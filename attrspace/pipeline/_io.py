@@ -1,0 +1,18 @@
+"""Model weights of a stage, written atomically with the digest of the run that produced them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from attrspace._io import atomic_save_safetensors
+
+from .workspace import DIGEST_KEY
+
+
+def save_weights(model: nn.Module, path: Path, stage_digest: str) -> None:
+    """The model's state dict (official VGGT layout) as safetensors, tagged with `stage_digest`
+    so that a loader can tell weights of another configuration apart."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_save_safetensors(tensors, {DIGEST_KEY: stage_digest, "format": "pt"}, Path(path))

@@ -1,0 +1,243 @@
+"""Presets of the end-to-end pipeline: model, data sizes, training settings per stage, mining.
+
+`micro` runs in seconds (tests), `tiny` in minutes on a 2-core CPU, `small` is a longer CPU run and
+`vggt1b` fine-tunes the official VGGT-1B on a GPU from a local checkpoint (no pre-training).
+The LoRA scale follows the paper: alpha = 2 r, so s = 2 for every adapter and bank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from attrspace.data import ATTRIBUTES, DOWNSTREAM_TASKS
+from attrspace.mine import MiningConfig
+from attrspace.models.vggt.config import VGGTConfig
+from attrspace.train.trainer import TrainConfig
+
+# Fine-tuning methods: the paper's four and the three controls of the comparison.
+METHODS = ("zero-shot", "full", "lora", "subspace", "psv", "random", "single", "heads")
+METHOD_TITLES = {
+    "zero-shot": "zero-shot (base model)",
+    "full": "full fine-tuning",
+    "lora": "LoRA",
+    "subspace": "mined subspace bank",
+    "psv": "PSV control (top singular vectors of W0)",
+    "random": "RANDOM control (random orthonormal bank)",
+    "single": "single-attribute bank",
+    "heads": "heads-only LoRA (what every bank method trains besides M)",
+}
+
+
+@dataclass(frozen=True)
+class DataSizes:
+    """How much synthetic data each stage renders (all views of a scene share one image size).
+
+    pretrain_datasets x pretrain_scenes scenes of the "mixed" family pre-train the base model;
+    loras_per_attribute datasets of lora_scenes scenes per attribute family (one LoRA each);
+    per downstream task, task_train_scenes scenes to fine-tune on and task_test_scenes to evaluate.
+    """
+
+    image_size: int
+    views: int
+    pretrain_datasets: int
+    pretrain_scenes: int
+    loras_per_attribute: int
+    lora_scenes: int
+    task_train_scenes: int
+    task_test_scenes: int
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"DataSizes.{f.name} must be a positive int, got {value!r}")
+        if self.views < 2:
+            raise ValueError(
+                f"DataSizes.views must be >= 2 (camera metrics need pairs), got {self.views}"
+            )
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything one pipeline run depends on.
+
+    pretrain None: the base model is a checkpoint given at run time (vggt1b). lora_alpha defaults to
+    2 * lora_rank. finetune is the one trainer setting of every fine-tuning method; full fine-tuning
+    uses the same steps and schedule with its own peak lr `full_lr` (every parameter moves, so the
+    adapters' lr would wreck it). single_attribute: the attribute of the single-attribute control.
+    threads: torch intra-op threads (0 keeps torch's default). eval_points: points per cloud in the
+    point-cloud metrics (a seeded subsample). device: "auto" picks CUDA when present.
+    """
+
+    name: str
+    model: VGGTConfig
+    data: DataSizes
+    pretrain: TrainConfig | None
+    lora: TrainConfig
+    lora_rank: int
+    mining: MiningConfig
+    finetune: TrainConfig
+    full_lr: float
+    lora_alpha: float = 0.0
+    attributes: tuple[str, ...] = ATTRIBUTES
+    tasks: tuple[str, ...] = DOWNSTREAM_TASKS
+    methods: tuple[str, ...] = METHODS
+    single_attribute: str = "geometry"
+    seed: int = 0
+    threads: int = 0
+    eval_points: int = 4096
+    device: str = "auto"
+    notes: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.model.enable_point:
+            raise ValueError("the pipeline trains camera + depth heads: use enable_point=False")
+        if self.data.image_size % self.model.patch_size:
+            raise ValueError(
+                f"image_size {self.data.image_size} is not a multiple of the patch size "
+                f"{self.model.patch_size}"
+            )
+        if self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
+        if self.lora_alpha == 0.0:
+            object.__setattr__(self, "lora_alpha", 2.0 * self.lora_rank)
+        if self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be positive, got {self.lora_alpha}")
+        if self.full_lr <= 0:
+            raise ValueError(f"full_lr must be positive, got {self.full_lr}")
+        for label, values, allowed in (
+            ("attributes", self.attributes, ATTRIBUTES),
+            ("tasks", self.tasks, DOWNSTREAM_TASKS),
+            ("methods", self.methods, METHODS),
+        ):
+            bad = [v for v in values if v not in allowed]
+            if bad or not values or len(set(values)) != len(values):
+                raise ValueError(
+                    f"{label} must be distinct names from {allowed}, got {tuple(values)}"
+                )
+        if "single" in self.methods and self.single_attribute not in self.attributes:
+            raise ValueError(
+                f"single_attribute {self.single_attribute!r} is not one of the attributes "
+                f"{self.attributes}"
+            )
+        if self.threads < 0 or self.eval_points < 16:
+            raise ValueError("threads must be >= 0 and eval_points >= 16")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+
+    @property
+    def needs_checkpoint(self) -> bool:
+        return self.pretrain is None
+
+    def replace(self, **changes) -> Preset:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _micro() -> Preset:
+    return Preset(
+        name="micro",
+        model=VGGTConfig.tiny(enable_point=False),
+        data=DataSizes(28, 2, 1, 3, 2, 2, 2, 1),
+        pretrain=TrainConfig(steps=3, lr=1e-3, batch_size=1),
+        lora=TrainConfig(steps=2, lr=1e-3, batch_size=1),
+        lora_rank=2,
+        mining=MiningConfig(rank="cliff", rank_cap=2, max_iters=5),
+        finetune=TrainConfig(steps=2, lr=1e-3, batch_size=1),
+        full_lr=1e-4,
+        attributes=("texture", "camera"),
+        tasks=("photo",),
+        single_attribute="camera",
+        eval_points=256,
+        threads=1,
+        notes="for tests: every stage at the smallest sizes",
+    )
+
+
+def _tiny() -> Preset:
+    return Preset(
+        name="tiny",
+        model=VGGTConfig.tiny(enable_point=False),
+        data=DataSizes(
+            image_size=56,
+            views=4,
+            pretrain_datasets=8,
+            pretrain_scenes=16,
+            loras_per_attribute=5,
+            lora_scenes=8,
+            task_train_scenes=16,
+            task_test_scenes=12,
+        ),
+        pretrain=TrainConfig(steps=1000, lr=1e-3, batch_size=2, warmup=0.05),
+        lora=TrainConfig(steps=60, lr=2e-3, batch_size=2),
+        lora_rank=8,
+        # Short LoRA runs give smooth spectra without a cliff, so a fixed d per attribute (as the
+        # release's "uniform" banks) rather than the cliff rule, which would pick noise.
+        mining=MiningConfig(rank=4),
+        finetune=TrainConfig(steps=100, lr=2e-3, batch_size=2),
+        full_lr=2e-4,
+        tasks=("microbaseline", "photo"),
+        threads=1,
+        notes="2-core CPU, minutes end to end",
+    )
+
+
+def _small() -> Preset:
+    return Preset(
+        name="small",
+        model=VGGTConfig.small(enable_point=False),
+        data=DataSizes(
+            image_size=112,
+            views=4,
+            pretrain_datasets=16,
+            pretrain_scenes=32,
+            loras_per_attribute=10,
+            lora_scenes=16,
+            task_train_scenes=32,
+            task_test_scenes=16,
+        ),
+        pretrain=TrainConfig(steps=6000, lr=5e-4, batch_size=2),
+        lora=TrainConfig(steps=200, lr=1e-3, batch_size=2),
+        lora_rank=16,
+        mining=MiningConfig(rank="cliff", rank_cap=12),
+        finetune=TrainConfig(steps=400, lr=1e-3, batch_size=2),
+        full_lr=1e-4,
+        notes="CPU, hours",
+    )
+
+
+def _vggt1b() -> Preset:
+    return Preset(
+        name="vggt1b",
+        model=VGGTConfig.vggt_1b(enable_point=False, gradient_checkpointing=True),
+        data=DataSizes(
+            image_size=224,
+            views=4,
+            pretrain_datasets=1,
+            pretrain_scenes=1,
+            loras_per_attribute=10,
+            lora_scenes=16,
+            task_train_scenes=48,
+            task_test_scenes=16,
+        ),
+        pretrain=None,
+        lora=TrainConfig(steps=400, lr=1e-4, batch_size=1),
+        lora_rank=16,
+        mining=MiningConfig(rank="cliff", rank_cap=16),
+        finetune=TrainConfig(steps=1000, lr=1e-4, batch_size=1),
+        full_lr=1e-5,
+        device="cuda",
+        eval_points=20000,
+        notes="GPU; needs --checkpoint to the official VGGT-1B weights (no pre-training)",
+    )
+
+
+PRESETS = {"micro": _micro, "tiny": _tiny, "small": _small, "vggt1b": _vggt1b}
+
+
+def get_preset(name: str) -> Preset:
+    """The named preset (a fresh frozen object)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {tuple(PRESETS)}")
+    return PRESETS[name]()

@@ -1,0 +1,133 @@
+"""Running the stages in order, each one resuming from its cache, and recording the run."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from .cache import StageFileError, read_json, write_json_atomic
+from .finetune import finetune_stage
+from .mining import mine_stage
+from .presets import Preset
+from .stages import lora_stage, pretrain_stage, render_stage
+from .workspace import Workspace, torch_threads
+
+STAGES = ("render", "pretrain", "train-lora", "mine", "finetune")
+RUNS_FILE = "runs.json"
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def run_stages(ws: Workspace, until: str = "finetune") -> dict:
+    """Run every stage up to and including `until` (earlier ones come from the cache when done).
+    Returns the digests and outputs of the stages that were reached."""
+    if until not in STAGES:
+        raise ValueError(f"unknown stage {until!r}; choose one of {STAGES}")
+    last = STAGES.index(until)
+    out: dict = {}
+    with torch_threads(ws.preset.threads):
+        ws.say(f"[1/5] render ({ws.out / 'data'})")
+        out["data"] = render_stage(ws)
+        if last >= 1:
+            ws.say("[2/5] base model")
+            out["base"] = pretrain_stage(ws)
+        if last >= 2:
+            ws.say("[3/5] attribute LoRAs")
+            out["loras"] = lora_stage(ws, out["base"])
+        if last >= 3:
+            ws.say("[4/5] mining")
+            out["mine"] = mine_stage(ws, out["base"], out["loras"])
+        if last >= 4:
+            ws.say("[5/5] fine-tuning")
+            out["finetune"] = finetune_stage(ws, out["base"], out["mine"])
+    return out
+
+
+def record_run(ws: Workspace, command: str, started: float, load_before, wall: float) -> dict:
+    """Append this invocation (wall time, machine, load, what ran) to OUT/runs.json."""
+    path = ws.out / RUNS_FILE
+    runs = []
+    if path.exists():
+        try:
+            runs = read_json(path, ("runs",))["runs"]
+        except StageFileError as exc:
+            print(f"attrspace: {exc}; starting a new run log")
+    entry = {
+        "command": command,
+        "preset": ws.preset.name,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "wall_seconds": wall,
+        "load_before": load_before,
+        "load_after": _load(),
+        "machine": machine(),
+        "ran": ws.ran(),
+        "cached": [k for k, s in ws.events if s == "cached"],
+        "device": str(ws.device),
+        "threads": ws.preset.threads or torch.get_num_threads(),
+    }
+    runs.append(entry)
+    write_json_atomic(path, {"runs": runs})
+    return entry
+
+
+def run_pipeline(
+    preset: Preset,
+    out: str | os.PathLike,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    loras_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    until: str = "finetune",
+    report: bool = True,
+    command: str = "run",
+) -> Workspace:
+    """Run the pipeline into `out` (resuming from whatever is cached there), record the run and,
+    after the last stage, write out/report.md. Returns the workspace (its events list what ran)."""
+    ws = Workspace(Path(out), preset, checkpoint, loras_dir, progress)
+    ws.out.mkdir(parents=True, exist_ok=True)
+    started, load_before = time.time(), _load()
+    tick = time.perf_counter()
+    run_stages(ws, until)
+    entry = record_run(ws, command, started, load_before, time.perf_counter() - tick)
+    if report and until == "finetune":
+        from .report import write_report
+
+        path = write_report(ws.out)
+        ws.say(f"report: {path}")
+    ws.say(
+        f"{command}: {entry['wall_seconds']:.1f} s ({len(entry['ran'])} pieces of work done, "
+        f"{len(entry['cached'])} from the cache)"
+    )
+    return ws
