@@ -15,7 +15,8 @@ constexpr int kMaxWarps = 16;
 
 template <typename T>
 __device__ T warp_sum(T x) {
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  for (int offset = kWarp / 2; offset > 0; offset /= 2)
+    x += __shfl_xor_sync(0xffffffffu, x, offset);
   // Lanes may round the butterfly differently: take lane 0's value so that every lane of the warp
   // makes the same rotate / skip decision.
   return __shfl_sync(0xffffffffu, x, 0);
@@ -34,7 +35,8 @@ __global__ void jacobi_svd_kernel(T* a_all, T* u_all, T* s_all, T* v_all, int32_
   const int64_t b = blockIdx.x;
   const T* a_in = a_all + b * rows * cols;
   for (int k = threadIdx.x; k < rows * cols; k += blockDim.x) a[k] = a_in[k];
-  for (int k = threadIdx.x; k < cols * cols; k += blockDim.x) v[k] = (k / cols == k % cols) ? T(1) : T(0);
+  for (int k = threadIdx.x; k < cols * cols; k += blockDim.x)
+    v[k] = (k / cols == k % cols) ? T(1) : T(0);
   __syncthreads();
 
   const int warp = threadIdx.x / kWarp;
@@ -111,8 +113,10 @@ __global__ void jacobi_svd_kernel(T* a_all, T* u_all, T* s_all, T* v_all, int32_
 template <typename T>
 void launch(const JacobiSvdParams& p, cudaStream_t stream) {
   if (p.batch == 0) return;
-  const size_t shared = (static_cast<size_t>(p.rows) * p.cols + static_cast<size_t>(p.cols) * p.cols +
-                         p.cols) * sizeof(T) + static_cast<size_t>(p.cols) * sizeof(int);
+  const size_t shared =
+      (static_cast<size_t>(p.rows) * p.cols + static_cast<size_t>(p.cols) * p.cols + p.cols) *
+          sizeof(T) +
+      static_cast<size_t>(p.cols) * sizeof(int);
   int device = 0;
   int optin = 0;
   cudaGetDevice(&device);
@@ -120,20 +124,23 @@ void launch(const JacobiSvdParams& p, cudaStream_t stream) {
   if (shared > static_cast<size_t>(optin)) {
     throw std::invalid_argument("jacobi_svd_cuda: a " + std::to_string(p.rows) + " x " +
                                 std::to_string(p.cols) + " matrix needs " + std::to_string(shared) +
-                                " bytes of shared memory, the device offers " + std::to_string(optin));
+                                " bytes of shared memory, the device offers " +
+                                std::to_string(optin));
   }
   auto kernel = jacobi_svd_kernel<T>;
   if (shared > 48 * 1024) {
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         static_cast<int>(shared));
   }
   const int pairs = (p.cols + 1) / 2;
   const int warps = pairs < kMaxWarps ? pairs : kMaxWarps;
   kernel<<<static_cast<unsigned>(p.batch), warps * kWarp, shared, stream>>>(
-      static_cast<T*>(p.a), static_cast<T*>(p.u), static_cast<T*>(p.s), static_cast<T*>(p.v), p.info,
-      p.rows, p.cols, p.max_sweeps);
+      static_cast<T*>(p.a), static_cast<T*>(p.u), static_cast<T*>(p.s), static_cast<T*>(p.v),
+      p.info, p.rows, p.cols, p.max_sweeps);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("jacobi_svd_cuda launch failed: ") + cudaGetErrorString(err));
+    throw std::runtime_error(std::string("jacobi_svd_cuda launch failed: ") +
+                             cudaGetErrorString(err));
   }
 }
 

@@ -1,12 +1,13 @@
 // Batched one-sided Jacobi SVD (Hestenes), written once for both compilers: the CPU driver
 // (jacobi_svd_cpu.cpp, g++) runs the rotations of a round one after another, the GPU kernel
-// (jacobi_svd.cu, nvcc) runs them in parallel, one warp per column pair and one thread block per matrix.
-// Both use the pair ordering, the rotation, the stopping rule and the finishing steps defined here.
-// No Torch and no CUDA headers.
+// (jacobi_svd.cu, nvcc) runs them in parallel, one warp per column pair and one thread block per
+// matrix. Both use the pair ordering, the rotation, the stopping rule and the finishing steps
+// defined here. No Torch and no CUDA headers.
 //
-// Storage: every matrix is column-major (column k of A at a + k * rows). For A (rows x cols), rows >= cols,
-// the rotations orthogonalise the columns: A J = W with W^T W diagonal, J orthogonal (the product of the
-// rotations). Then sigma_k = |w_k|, u_k = w_k / sigma_k, v_k = J e_k, sorted so that sigma is descending.
+// Storage: every matrix is column-major (column k of A at a + k * rows). For A (rows x cols), rows
+// >= cols, the rotations orthogonalise the columns: A J = W with W^T W diagonal, J orthogonal (the
+// product of the rotations). Then sigma_k = |w_k|, u_k = w_k / sigma_k, v_k = J e_k, sorted so that
+// sigma is descending.
 #pragma once
 
 #include <math.h>
@@ -25,9 +26,10 @@ class module_;
 
 namespace attrspace {
 
-// One batch: a (batch, cols, rows) is A^T row-major, i.e. each A column-major, and is overwritten;
-// u (batch, cols, rows) and v (batch, cols, cols) receive U and V column-major, s (batch, cols) the
-// singular values; info[b] = sweeps used, or -1 when max_sweeps were not enough.
+// One batch: a (batch, cols, rows) is A^T row-major, i.e. each A column-major (the CPU driver uses
+// it as workspace and overwrites it; the GPU kernel copies it to shared memory); u (batch, cols,
+// rows) and v (batch, cols, cols) receive U and V column-major, s (batch, cols) the singular
+// values; info[b] = sweeps used, or -1 when max_sweeps were not enough.
 struct JacobiSvdParams {
   void* a;
   void* u;
@@ -42,9 +44,9 @@ struct JacobiSvdParams {
 
 constexpr int32_t kJacobiMaxCols = 256;
 
-void jacobi_svd_cpu(const JacobiSvdParams& params, int threads);          // jacobi_svd_cpu.cpp
+void jacobi_svd_cpu(const JacobiSvdParams& params, int threads);             // jacobi_svd_cpu.cpp
 void jacobi_svd_cuda(const JacobiSvdParams& params, std::uintptr_t stream);  // jacobi_svd.cu
-void register_svd(pybind11::module_& m);                                  // bindings_svd.cpp
+void register_svd(pybind11::module_& m);                                     // bindings_svd.cpp
 
 namespace jacobi {
 
@@ -52,8 +54,6 @@ ATTRSPACE_HD float sqrt_(float x) { return sqrtf(x); }
 ATTRSPACE_HD double sqrt_(double x) { return sqrt(x); }
 ATTRSPACE_HD float abs_(float x) { return fabsf(x); }
 ATTRSPACE_HD double abs_(double x) { return fabs(x); }
-ATTRSPACE_HD float hypot_(float x, float y) { return hypotf(x, y); }
-ATTRSPACE_HD double hypot_(double x, double y) { return hypot(x, y); }
 
 template <typename T>
 struct Limits;
@@ -62,24 +62,26 @@ struct Limits<float> {
   static constexpr float eps = 1.1920929e-07f;
   // Below this a column's squared norm underflows, so its direction is not resolved.
   static constexpr float negligible = 1.0842022e-19f;  // sqrt(smallest normal)
+  static constexpr float inv_sqrt_eps = 2896.3093f;
 };
 template <>
 struct Limits<double> {
   static constexpr double eps = 2.220446049250313e-16;
   static constexpr double negligible = 1.4916681462400413e-154;
+  static constexpr double inv_sqrt_eps = 67108864.0;
 };
 
-// Columns i and j are orthogonal enough when |a_i . a_j| <= tol |a_i| |a_j|. rows * eps stays above the
-// rounding error of the dot product, so the sweeps stop instead of chasing noise.
+// Columns i and j are orthogonal enough when |a_i . a_j| <= tol |a_i| |a_j|. rows * eps stays above
+// the rounding error of the dot product, so the sweeps stop instead of chasing noise.
 template <typename T>
 ATTRSPACE_HD T tolerance(int rows) {
   return Limits<T>::eps * static_cast<T>(rows);
 }
 
-// Round-robin ("circle") ordering: in each of the `even - 1` rounds every column index takes part in
-// exactly one of the `even / 2` pairs, so the rotations of one round touch disjoint columns and can run
-// in parallel; over the rounds of a sweep every pair meets once. even = cols rounded up to even; a pair
-// with j == cols (the padding index of an odd cols) is skipped.
+// Round-robin ("circle") ordering: in each of the `even - 1` rounds every column index takes part
+// in exactly one of the `even / 2` pairs, so the rotations of one round touch disjoint columns and
+// can run in parallel; over the rounds of a sweep every pair meets once. even = cols rounded up to
+// even; a pair with j == cols (the padding index of an odd cols) is skipped.
 ATTRSPACE_HD void round_robin_pair(int round, int slot, int even, int* i, int* j) {
   int p, q;
   if (slot == 0) {
@@ -94,17 +96,22 @@ ATTRSPACE_HD void round_robin_pair(int round, int slot, int even, int* i, int* j
 }
 
 // The rotation [c s; -s c] that diagonalises [[alpha, gamma], [gamma, beta]] (alpha = |a_i|^2,
-// beta = |a_j|^2, gamma = a_i . a_j); false when the pair is already orthogonal to `tol` (also for a
-// zero column, or a NaN that the caller reports through the singular values). After the rotation the
-// squared norms are alpha - t gamma and beta + t gamma, so callers keep them without new dot products.
+// beta = |a_j|^2, gamma = a_i . a_j); false when the pair is already orthogonal to `tol` (also for
+// a zero column, or a NaN that the caller reports through the singular values). After the rotation
+// the squared norms are alpha - t gamma and beta + t gamma, so callers keep them without new dot
+// products.
 template <typename T>
 ATTRSPACE_HD bool rotation(T alpha, T beta, T gamma, T tol, T* c, T* s, T* t) {
   if (!(abs_(gamma) > tol * sqrt_(alpha) * sqrt_(beta))) return false;
   const T zeta = (beta - alpha) / (T(2) * gamma);
-  T tan = T(1) / (abs_(zeta) + hypot_(T(1), zeta));  // the smaller root of t^2 + 2 zeta t - 1 = 0
+  const T size = abs_(zeta);
+  // t = sign(zeta) / (|zeta| + sqrt(1 + zeta^2)), the smaller root of t^2 + 2 zeta t - 1 = 0. Past
+  // 1/sqrt(eps), sqrt(1 + zeta^2) rounds to |zeta| (and zeta^2 could overflow): t = 1 / (2 zeta).
+  T tan = size > Limits<T>::inv_sqrt_eps ? T(1) / (T(2) * size)
+                                         : T(1) / (size + sqrt_(T(1) + size * size));
   if (zeta < T(0)) tan = -tan;
   *t = tan;
-  *c = T(1) / hypot_(T(1), tan);
+  *c = T(1) / sqrt_(T(1) + tan * tan);  // |t| <= 1
   *s = *c * tan;
   return true;
 }
@@ -142,8 +149,9 @@ ATTRSPACE_HD void sort_descending(const T* s, int n, int* order) {
 }
 
 // Columns first..cols-1 of u (rows x cols, column-major) are zero (singular value negligible):
-// replace each by the unit vector e_r with the largest component outside the span of the columns before
-// it, orthogonalised twice (classical Gram-Schmidt twice is orthogonal to working precision).
+// replace each by the unit vector e_r with the largest component outside the span of the columns
+// before it, orthogonalised twice (classical Gram-Schmidt twice is orthogonal to working
+// precision).
 template <typename T>
 ATTRSPACE_HD void complete_orthonormal(T* u, int rows, int cols, int first) {
   for (int k = first; k < cols; ++k) {
@@ -174,8 +182,9 @@ ATTRSPACE_HD void complete_orthonormal(T* u, int rows, int cols, int first) {
   }
 }
 
-// Column k of the result: s_out = norm[src], u_out = a_src / norm[src] (zero when negligible, completed
-// afterwards by complete_orthonormal), v_out = v_src. Elements first, first + step, ... of the column.
+// Column k of the result: s_out = norm[src], u_out = a_src / norm[src] (zero when negligible,
+// completed afterwards by complete_orthonormal), v_out = v_src. Elements first, first + step, ...
+// of the column.
 template <typename T>
 ATTRSPACE_HD void write_column(const T* a, const T* v, const T* norm, int src, int k, int rows,
                                int cols, T* u_out, T* v_out, int first, int step) {

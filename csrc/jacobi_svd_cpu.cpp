@@ -9,7 +9,8 @@
 namespace attrspace {
 namespace {
 
-// a . b with eight partial sums: the compiler vectorises it (a single running sum it may not reorder).
+// a . b with eight partial sums: the compiler vectorises it (a single running sum it may not
+// reorder).
 template <typename T>
 T dot_contiguous(const T* x, const T* y, int n) {
   T acc[8] = {T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0)};
@@ -22,9 +23,9 @@ T dot_contiguous(const T* x, const T* y, int n) {
   return total;
 }
 
-// Sweeps of round-robin rotations on one column-major matrix a (rows x cols) with v = I at the start;
-// norm2 is scratch for the squared column norms (recomputed every sweep, updated after each rotation).
-// Returns the sweeps used, or -1 when max_sweeps did not reach the tolerance.
+// Sweeps of round-robin rotations on one column-major matrix a (rows x cols) with v = I at the
+// start; norm2 is scratch for the squared column norms (recomputed every sweep, updated after each
+// rotation). Returns the sweeps used, or -1 when max_sweeps did not reach the tolerance.
 template <typename T>
 int sweep_serial(T* a, T* v, T* norm2, int rows, int cols, int max_sweeps) {
   const int even = cols + (cols & 1);
@@ -46,8 +47,8 @@ int sweep_serial(T* a, T* v, T* norm2, int rows, int cols, int max_sweeps) {
         T c, s, t;
         if (jacobi::rotation(norm2[i], norm2[j], gamma, tol, &c, &s, &t)) {
           jacobi::rotate_pair(ai, aj, rows, 0, 1, c, s);
-          jacobi::rotate_pair(v + static_cast<int64_t>(i) * cols, v + static_cast<int64_t>(j) * cols,
-                              cols, 0, 1, c, s);
+          jacobi::rotate_pair(v + static_cast<int64_t>(i) * cols,
+                              v + static_cast<int64_t>(j) * cols, cols, 0, 1, c, s);
           norm2[i] -= t * gamma;
           norm2[j] += t * gamma;
           rotated = true;

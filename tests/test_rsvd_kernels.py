@@ -48,7 +48,9 @@ def test_batched_matmul_matches_torch(dtype):
 @pytest.mark.parametrize("passes", [1, 3])
 def test_cholesky_qr_gives_an_orthonormal_basis_of_the_same_span(dtype, passes):
     # Columns with norms from 1 to 1e-3: cond(Y) ~ 1e3, where one unshifted pass would lose digits.
-    y = _randn(2, 70, 12, dtype=dtype, seed=3) * torch.logspace(0, -3, 12, dtype=dtype, device=DEVICE)
+    y = _randn(2, 70, 12, dtype=dtype, seed=3) * torch.logspace(
+        0, -3, 12, dtype=dtype, device=DEVICE
+    )
     before = y.clone()
     q = rsvd.cholesky_qr(y, passes)
     assert torch.equal(y, before), "the input must not be modified"
@@ -59,7 +61,9 @@ def test_cholesky_qr_gives_an_orthonormal_basis_of_the_same_span(dtype, passes):
     if passes == 3:
         assert gap < 20 * TOL[dtype]
     else:
-        assert gap < 0.1  # one shifted pass: a well-conditioned basis, not yet orthonormal
+        # One shifted pass: not yet orthonormal, but conditioned well enough (cond <= eps^-1/2) for the
+        # next pass to finish the job.
+        assert torch.linalg.cond(q.double()).max() < torch.finfo(dtype).eps ** -0.5
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -89,9 +93,13 @@ def test_randomized_svd_triton_backend_matches_torch_reference(dtype):
 
     p, q = factor(36, 20)
     ops = [(p, q), factor(36, 20), factor(20, 33), (p @ q.T)]
-    ref = randomized_svd(ops, 4, oversample=4, backend="torch", generator=torch.Generator().manual_seed(2))
-    got = randomized_svd(ops, 4, oversample=4, backend="triton", generator=torch.Generator().manual_seed(2))
-    for op, (u0, s0, v0), (u1, s1, v1) in zip(ops, ref, got):
+    ref = randomized_svd(
+        ops, 4, oversample=4, backend="torch", generator=torch.Generator().manual_seed(2)
+    )
+    got = randomized_svd(
+        ops, 4, oversample=4, backend="triton", generator=torch.Generator().manual_seed(2)
+    )
+    for op, (u0, s0, v0), (u1, s1, v1) in zip(ops, ref, got, strict=True):
         assert (s1 - s0).abs().max() <= TOL[dtype] * s0[0]
         dense = op if isinstance(op, torch.Tensor) else op[0] @ op[1].T
         exact = torch.linalg.svdvals(dense.double())[:4]
