@@ -16,7 +16,7 @@ def median_ms(bench):
 def speed_table(benches):
     groups = defaultdict(list)
     for b in benches:
-        if not b["extra_info"].get("memory"):
+        if not b["extra_info"].get("memory") and not b["extra_info"].get("interleaved"):
             groups[b["group"]].append(b)
     lines = []
     for name, rows in groups.items():
@@ -39,6 +39,27 @@ def speed_table(benches):
             lines.append(
                 f"| {method} | {ms:.2f} | {ratio(ms, frozen)} | {ratio(ms, lora)} | {ratio(ms, peft)} | {tflops:.3f} |"
             )
+    return "\n".join(lines)
+
+
+def interleaved_table(benches):
+    lines = []
+    for b in benches:
+        info = b["extra_info"]
+        if not info.get("interleaved"):
+            continue
+        medians = info["median_ms"]
+        frozen = medians["frozen"]
+        lora = next((v for k, v in medians.items() if k.startswith("LoRA")), None)
+        peft = next((v for k, v in medians.items() if k.startswith("peft")), None)
+        lines += [
+            f"\n**{b['group']}** ({info['rounds']} rounds, every method once per round)\n",
+            "| method | median ms | / frozen | / LoRA r=16 | / peft LoRA r=16 |",
+            "|---|---|---|---|---|",
+        ]
+        for name, ms in medians.items():
+            cells = [f"{ms / ref:.3f}" if ref else "-" for ref in (frozen, lora, peft)]
+            lines.append(f"| {name} | {ms:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -70,6 +91,7 @@ def main(paths):
         benches = data["benchmarks"]
         machine = benches[0]["extra_info"].get("machine", "?") if benches else "?"
         print(f"\n### {path} — {machine}, {data['datetime'][:19]}")
+        print(interleaved_table(benches))
         print(speed_table(benches))
         print(memory_table(benches))
 
