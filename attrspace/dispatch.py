@@ -27,7 +27,9 @@ _MODULES = {
     "cuda": "attrspace._cuda_backend",
 }
 # Order tried by backend="auto" on CUDA tensors. On CPU tensors auto always means "torch": the Triton
-# interpreter is a test tool, far slower than torch.
+# interpreter is a test tool, far slower than torch. Neither kernel backend has been timed on a GPU yet
+# (bench/RESULTS.md); until then CUDA goes first because its schedule cannot deadlock whatever order
+# the GPU starts blocks in, while the Triton forward relies on blocks starting in program-id order.
 _AUTO_ORDER_CUDA = ("cuda", "triton", "torch")
 
 
