@@ -19,7 +19,8 @@ from attrspace.models.vggt.params import (
     trainable_parameter_count,
 )
 
-KEYS_TSV = Path(__file__).resolve().parents[2] / "shared" / "vggt" / "state_dict_keys.tsv"
+# Key names and shapes of the official VGGT-1B checkpoint (all 1,797 tensors, no weights).
+KEYS_TSV = Path(__file__).parent / "data" / "vggt_1b_state_dict_keys.tsv"
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +50,9 @@ def test_component_counts_agree_with_built_modules_and_key_list(vggt_1b):
     oc = (256, 512, 1024, 1024)
     assert dpt_head_parameter_count(2048, oc, 256, 2) == built_depth == 32_654_562
     assert dpt_head_parameter_count(2048, oc, 256, 4) == built_point
-    if KEYS_TSV.is_file():
-        rows = [line.split("\t") for line in KEYS_TSV.read_text().splitlines()[1:]]
-        track = sum(int(n) for key, _, n in rows if key.startswith("track_head."))
-        assert official_track_head_parameter_count() == track
+    rows = [line.split("\t") for line in KEYS_TSV.read_text().splitlines()[1:]]
+    track = sum(int(n) for key, _, n in rows if key.startswith("track_head."))
+    assert official_track_head_parameter_count() == track
 
 
 def test_preset_targets(vggt_1b):
