@@ -93,7 +93,8 @@ def test_low_precision_layer_trains_m_in_fp32(dtype):
     assert torch.isfinite(layer.M.grad).all()
 
 
-def test_torch_compile_matches_eager():
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_matches_eager(compiler):
     _, layer, t = make_layer()
     with torch.no_grad():
         layer.M.copy_(t["M"])
@@ -103,7 +104,7 @@ def test_torch_compile_matches_eager():
     dx, dm = x.grad.clone(), layer.M.grad.clone()
     x.grad = None
     layer.M.grad = None
-    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(layer, backend=compiler, fullgraph=True)
     out = compiled(x)
     out.sum().backward()
     torch.testing.assert_close(out, eager)
