@@ -14,7 +14,7 @@ import functools
 import torch
 from torch import Tensor
 
-from . import _cupy_jit, _native
+from . import _cupy_jit, _native, reference
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 MAX_RANK = 128
@@ -206,32 +206,28 @@ def backward_into(
 def _forward_op(
     x: Tensor, weight: Tensor, bias: Tensor | None, V: Tensor, P: Tensor
 ) -> tuple[Tensor, Tensor]:
-    y = x.new_empty((x.shape[0], weight.shape[0]))
-    z = x.new_empty((x.shape[0], V.shape[1]))
+    y, z = reference.empty_forward_outputs(x, weight, V)
     forward_into(x, weight, bias, V, P, y, z)
     return y, z
 
 
 @_forward_op.register_fake
 def _forward_fake(x, weight, bias, V, P):
-    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], V.shape[1]))
+    return reference.empty_forward_outputs(x, weight, V)
 
 
 @torch.library.custom_op("attrspace::cuda_subspace_backward", mutates_args=())
 def _backward_op(
     dy: Tensor, weight: Tensor, U: Tensor, Q: Tensor, need_dx: bool
 ) -> tuple[Tensor, Tensor]:
-    # A custom op cannot return None: without need_dx, dx is an empty (0, d_in) tensor.
-    dx = dy.new_empty((dy.shape[0] if need_dx else 0, weight.shape[1]))
-    g = dy.new_empty((dy.shape[0], U.shape[1]), dtype=torch.float32)
+    dx, g = reference.empty_backward_outputs(dy, weight, U, need_dx)
     backward_into(dy, weight, U, Q, dx if need_dx else None, g)
     return dx, g
 
 
 @_backward_op.register_fake
 def _backward_fake(dy, weight, U, Q, need_dx):
-    dx = dy.new_empty((dy.shape[0] if need_dx else 0, weight.shape[1]))
-    return dx, dy.new_empty((dy.shape[0], U.shape[1]), dtype=torch.float32)
+    return reference.empty_backward_outputs(dy, weight, U, need_dx)
 
 
 def forward(

@@ -14,6 +14,8 @@ import os
 import torch
 from torch import Tensor
 
+from . import reference
+
 _KERNELS = "attrspace.kernels.subspace_linear"
 _MIN_CAPABILITY = (8, 0)  # bf16 and tf32 tensor-core MMAs
 # Filled by unavailable_reason(), which dispatch.preload calls before any torch.compile tracing, so that
@@ -69,15 +71,45 @@ def unsupported_reasons(x: Tensor, weight: Tensor, rank: int) -> list[str]:
     return reasons
 
 
+# The launchers are wrapped as custom ops with fake implementations so torch.compile traces through
+# them (fullgraph) instead of breaking the graph at the kernel call.
+@torch.library.custom_op("attrspace::triton_subspace_forward", mutates_args=())
+def _forward_op(
+    x: Tensor, weight: Tensor, bias: Tensor | None, V: Tensor, P: Tensor
+) -> tuple[Tensor, Tensor]:
+    return _kernels().subspace_linear_forward(x, weight, bias, V, P)
+
+
+@_forward_op.register_fake
+def _forward_fake(x, weight, bias, V, P):
+    return reference.empty_forward_outputs(x, weight, V)
+
+
+@torch.library.custom_op("attrspace::triton_subspace_backward", mutates_args=())
+def _backward_op(
+    dy: Tensor, weight: Tensor, U: Tensor, Q: Tensor, need_dx: bool
+) -> tuple[Tensor, Tensor]:
+    dx, g = _kernels().subspace_linear_backward(dy, weight, U, Q, need_dx)
+    if dx is None:
+        dx = reference.empty_backward_outputs(dy, weight, U, False)[0]
+    return dx, g
+
+
+@_backward_op.register_fake
+def _backward_fake(dy, weight, U, Q, need_dx):
+    return reference.empty_backward_outputs(dy, weight, U, need_dx)
+
+
 def forward(
     x: Tensor, weight: Tensor, bias: Tensor | None, V: Tensor, P: Tensor
 ) -> tuple[Tensor, Tensor]:
     """y = x W^T + b + z P^T and z = x V in one fused launch; shapes as attrspace.reference.forward."""
-    return _kernels().subspace_linear_forward(x, weight, bias, V, P)
+    return _forward_op(x, weight, bias, V, P)
 
 
 def backward(
     dy: Tensor, weight: Tensor, U: Tensor, Q: Tensor, need_dx: bool
 ) -> tuple[Tensor | None, Tensor]:
     """dx = dy W + g Q^T and g = dy U in fp32, one fused launch; as attrspace.reference.backward."""
-    return _kernels().subspace_linear_backward(dy, weight, U, Q, need_dx)
+    dx, g = _backward_op(dy, weight, U, Q, need_dx)
+    return (dx if need_dx else None), g

@@ -79,6 +79,21 @@ def backward(
     return dx, g.to(accum_dtype(dy.dtype))
 
 
+def empty_forward_outputs(x: Tensor, weight: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
+    """Uninitialised y (T, d_out) and z (T, K) in x's dtype: what every backend's forward returns
+    (the fake implementation of the custom ops, and their output buffers)."""
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], V.shape[1]))
+
+
+def empty_backward_outputs(
+    dy: Tensor, weight: Tensor, U: Tensor, need_dx: bool
+) -> tuple[Tensor, Tensor]:
+    """Uninitialised dx (T, d_in) in dy's dtype and g (T, K) fp32. A custom op cannot return None, so
+    without need_dx dx is an empty (0, d_in) tensor."""
+    dx = dy.new_empty((dy.shape[0] if need_dx else 0, weight.shape[1]))
+    return dx, dy.new_empty((dy.shape[0], U.shape[1]), dtype=torch.float32)
+
+
 def grad_m(g: Tensor, z: Tensor, scale: float) -> Tensor:
     """dM = s g^T z in g's dtype. g: (T, K) fp32 (fp64), z: (T, K) -> (K, K)."""
     return scale * (g.t() @ z.to(g.dtype))

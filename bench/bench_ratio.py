@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from bench_linear import DEVICE, DTYPE, LORA_RANK, SHAPES, SHAPE_IDS, TOKENS, frozen_linear, fwd_bwd
+from bench_linear import DEVICE, DTYPE, LORA_RANK, SHAPE_IDS, SHAPES, TOKENS, frozen_linear, fwd_bwd
 from conftest import ROUNDS, machine, sync
 from torch import nn
 

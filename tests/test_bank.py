@@ -63,7 +63,7 @@ def test_truncated_file(tmp_path):
     make_bank().save(tmp_path / "b.safetensors")
     data = (tmp_path / "b.safetensors").read_bytes()
     (tmp_path / "t.safetensors").write_bytes(data[: len(data) - 100])
-    with pytest.raises(BankFileError, match="t.safetensors: not a readable safetensors file"):
+    with pytest.raises(BankFileError, match=r"t\.safetensors: not a readable safetensors file"):
         SubspaceBank.load(tmp_path / "t.safetensors")
 
 

@@ -138,7 +138,7 @@ def test_bad_inputs_are_named():
         subspace_linear(t["x"], t["weight"], t["bias"], t["U"][:, :3], t["V"], t["M"])
     with pytest.raises(ValueError, match="V must have shape"):
         subspace_linear(t["x"], t["weight"], t["bias"], t["U"], t["V"][:10], t["M"])
-    with pytest.raises(TypeError, match="weight is torch.float64 but x is torch.float32"):
+    with pytest.raises(TypeError, match=r"weight is torch\.float64 but x is torch\.float32"):
         subspace_linear(t["x"], t["weight"].double(), t["bias"], t["U"], t["V"], t["M"])
     with pytest.raises(TypeError, match="x must be float"):
         subspace_linear(t["x"].to(torch.int32), *args[1:])

@@ -111,7 +111,7 @@ def test_inject_lora_targets_and_errors(model):
     assert report.trainable_params == 2 * (4 * (32 + 96) + 4 * (128 + 32))
     assert all(isinstance(model.get_submodule(n), LoRALinear) for n in report.layers)
     assert torch.equal(model(x), before)
-    with pytest.raises(ValueError, match="'attn.nothing' matches no"):
+    with pytest.raises(ValueError, match=r"'attn\.nothing' matches no"):
         inject_lora(copy.deepcopy(model), targets=("attn.nothing",))
     uninject(model)
     assert torch.equal(model(x), before)

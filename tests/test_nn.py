@@ -39,7 +39,7 @@ def test_from_linear_rejects_bad_bases():
         SubspaceLinear.from_linear(linear, torch.zeros(6, 2), torch.zeros(8, 3))
     with pytest.raises(ValueError, match="NaN or Inf"):
         SubspaceLinear.from_linear(linear, torch.full((6, 2), float("nan")), torch.zeros(8, 2))
-    with pytest.raises(TypeError, match="plain nn.Linear"):
+    with pytest.raises(TypeError, match=r"plain nn\.Linear"):
         SubspaceLinear.from_linear(nn.Conv2d(8, 6, 1), torch.zeros(6, 2), torch.zeros(8, 2))
 
 

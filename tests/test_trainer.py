@@ -1,5 +1,6 @@
 """The shared training loop: schedule, batching, and that it trains only what requires grad."""
 
+import itertools
 import math
 
 import pytest
@@ -12,7 +13,7 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     cfg = TrainConfig(steps=100, warmup=0.1, final_lr_ratio=0.01)
     factors = [lr_factor(s, cfg) for s in range(cfg.steps)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
+    assert all(a >= b for a, b in itertools.pairwise(factors[9:]))
     assert factors[-1] == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 89 / 90)))
     with pytest.raises(ValueError, match="steps and batch_size"):
         TrainConfig(steps=0)

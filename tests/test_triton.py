@@ -12,10 +12,11 @@ import sys
 
 import pytest
 import torch
-from attrspace.kernels.subspace_linear import subspace_linear_backward, subspace_linear_forward
 
+import attrspace
 from attrspace import dispatch, reference
 from attrspace.functional import subspace_linear
+from attrspace.kernels.subspace_linear import subspace_linear_backward, subspace_linear_forward
 from attrspace.testing import assert_close, layer_inputs
 
 CUDA = torch.cuda.is_available()
@@ -222,3 +223,38 @@ def test_small_bf16_update_survives_rounding():
     # The share of the update found in y: the projection of y - y0 on the update.
     fraction = (((y.float() - y0.float()) * expected).sum() / expected.square().sum()).item()
     assert 0.9 <= fraction <= 1.1, f"kept fraction of the update {fraction:.3f}"
+
+
+def test_compiled_layer_on_the_triton_backend_matches_eager():
+    """The Triton launchers are custom ops: torch.compile(fullgraph=True) traces through them."""
+    t = layer_inputs(24, 40, 32, 8, seed=11)
+    linear = torch.nn.Linear(40, 32)
+    with torch.no_grad():
+        linear.weight.copy_(t["weight"])
+        linear.bias.copy_(t["bias"])
+    layer = attrspace.SubspaceLinear.from_linear(linear, t["U"], t["V"], 2.0, backend="triton")
+    with torch.no_grad():
+        layer.M.copy_(t["M"])
+    x = t["x"].clone().requires_grad_()
+    eager = layer(x)
+    eager.sum().backward()
+    dx, dm = x.grad.clone(), layer.M.grad.clone()
+    x.grad, layer.M.grad = None, None
+    out = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+    out.sum().backward()
+    assert layer.last_backend == "triton"
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(x.grad, dx)
+    torch.testing.assert_close(layer.M.grad, dm)
+
+
+def test_triton_custom_ops_pass_opcheck():
+    from attrspace import _triton_backend
+
+    t = layer_inputs(9, 20, 12, 4, seed=12)
+    P = t["U"] @ t["M"]
+    torch.library.opcheck(_triton_backend._forward_op, (t["x"], t["weight"], t["bias"], t["V"], P))
+    dy = torch.randn(9, 12)
+    Q = t["V"] @ t["M"].t()
+    for need_dx in (True, False):
+        torch.library.opcheck(_triton_backend._backward_op, (dy, t["weight"], t["U"], Q, need_dx))

@@ -36,7 +36,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
-            raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+            raise ValueError(
+                f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}"
+            )
         if not (self.lr > 0 and 0 <= self.warmup < 1 and 0 < self.final_lr_ratio <= 1):
             raise ValueError("need lr > 0, 0 <= warmup < 1, 0 < final_lr_ratio <= 1")
 
@@ -73,7 +75,9 @@ def batches(dataset, batch_size: int, seed: int) -> Iterator[dict[str, Tensor]]:
     g = torch.Generator().manual_seed(seed)
     while True:
         order = torch.randperm(len(dataset), generator=g).tolist()
-        for start in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
+        for start in range(
+            0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size
+        ):
             idx = order[start : start + batch_size]
             yield collate([dataset[i] for i in idx])
 
@@ -120,7 +124,9 @@ def train(
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, dataset, config: LossConfig | None = None, limit: int | None = None) -> float:
+def evaluate_loss(
+    model: nn.Module, dataset, config: LossConfig | None = None, limit: int | None = None
+) -> float:
     """Mean objective over the dataset's scenes (one scene per batch)."""
     model.eval()
     device = next(model.parameters()).device
