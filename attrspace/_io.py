@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor
 
 
@@ -37,15 +37,25 @@ def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     return tensors, metadata
 
 
-def atomic_save_safetensors(
-    tensors: dict[str, Tensor], metadata: dict[str, str] | None, path: Path
-) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder, fsync, then os.replace, so a
+    reader sees the old file or the whole new one, never a half-written one."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_save_safetensors(
+    tensors: dict[str, Tensor], metadata: dict[str, str] | None, path: Path
+) -> None:
+    """Write tensors (and string metadata) as a safetensors file, atomically."""
+    atomic_write_bytes(Path(path), save(tensors, metadata=metadata))

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ._io import atomic_save_safetensors, read_safetensors
+from ._io import atomic_save_safetensors, atomic_write_bytes, read_safetensors
 from .nn import LoRAConv2d, LoRALinear
 
 CONFIG_NAME = "adapter_config.json"
@@ -91,11 +91,8 @@ def save_peft(
         "base_model_name_or_path": base_model_name_or_path,
         "task_type": None,
     }
-    folder.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(tensors, {"format": "pt"}, folder / WEIGHTS_NAME)
-    tmp = folder / f".{CONFIG_NAME}.tmp"
-    tmp.write_text(json.dumps(config, indent=2))
-    os.replace(tmp, folder / CONFIG_NAME)
+    atomic_write_bytes(folder / CONFIG_NAME, json.dumps(config, indent=2).encode())
     return folder
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from attrspace.data import storage
 from attrspace.data.families import family_specs, make_family
 from attrspace.data.storage import (
     InMemoryMultiViewDataset,
@@ -166,7 +165,7 @@ def test_atomic_write_keeps_the_old_file_when_the_rename_fails(tmp_path, monkeyp
     def fail(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(storage.os, "replace", fail)
+    monkeypatch.setattr(os, "replace", fail)
     with pytest.raises(OSError, match="disk full"):
         atomic_write_bytes(target, b"new contents")
     assert target.read_bytes() == b"old"

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,6 +28,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
+from attrspace._io import atomic_write_bytes
 from attrspace.data.families import (
     ARRAY_KEYS,
     DatasetSpec,
@@ -52,21 +52,6 @@ STORED_DTYPES = {
 
 class ShardError(ValueError):
     """A stored shard or manifest is missing, truncated, tampered with or inconsistent."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write data to path via a temporary file in the same folder, fsync, then os.replace."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _scene_shapes(views: int, height: int, width: int) -> dict[str, tuple[int, ...]]:

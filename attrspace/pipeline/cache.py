@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
+
+from attrspace._io import atomic_write_bytes
 
 MARKER = ".stage.json"
 # Bumped whenever a stage's outputs change meaning for the same configuration.
@@ -56,16 +56,8 @@ def file_sha256(path: Path) -> str:
 
 
 def write_json_atomic(path: Path, data) -> None:
-    """Write JSON through a temporary file in the same folder and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write JSON atomically (attrspace._io.atomic_write_bytes)."""
+    atomic_write_bytes(Path(path), json.dumps(data, indent=1, sort_keys=True).encode())
 
 
 def read_json(path: Path, required: tuple[str, ...] = ()) -> dict:
