@@ -3,6 +3,16 @@
 Each module is a subclass of the layer it replaces and holds the SAME weight and bias Parameter objects
 (shared, never copied), so state-dict keys of the base layer stay `<name>.weight` / `<name>.bias` and an
 official checkpoint still loads after injection. The adapters only wire tensors to attrspace.functional.
+
+State dicts, by design:
+- the frozen bases U, V of SubspaceLinear are Parameters with requires_grad=False, not buffers, so DDP
+  never re-broadcasts them (it syncs buffers before every forward) and FSDP2's mixed precision casts them
+  with the weight; their keys are `<name>.U` / `<name>.V` either way;
+- a plain checkpoint (base weights only) loads into an adapted model with strict=True: a layer whose
+  adapter keys are ALL absent keeps its adapter as it is (some absent and some present is still a
+  missing-key error);
+- a merged SubspaceLinear writes its unmerged weight into state dicts, so a state dict always means
+  "W0 plus the adapter" and is never applied twice; loading into a merged layer is refused.
 """
 
 from __future__ import annotations
@@ -14,7 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import dispatch
+from ._checks import positive_finite, positive_int, probability
 from .functional import subspace_linear
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _share_base(new: nn.Module, old: nn.Module) -> None:
@@ -48,17 +61,46 @@ def _check_basis(name: str, t: Tensor, rows: int, rank: int | None, layer: str) 
         raise ValueError(f"{name} must have shape {want} for {layer}, got {tuple(t.shape)}")
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a float tensor, got {t.dtype}")
-    if not bool(torch.isfinite(t).all()):
+    # A meta tensor has no values to check (whole-model memory accounting builds layers there).
+    if t.device.type != "meta" and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} for {layer} holds NaN or Inf")
+
+
+def _frozen(t: Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+def _keep_adapter_if_absent(
+    module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors
+) -> None:
+    """Load-state-dict pre-hook: a state dict holding none of the module's adapter keys (a plain
+    checkpoint of the base layer) leaves the adapter as it is, so plain checkpoints load strictly."""
+    names = module.adapter_state_keys
+    if prefix + "weight" in state_dict and not any(prefix + n in state_dict for n in names):
+        current = module.state_dict()
+        for n in names:
+            state_dict[prefix + n] = current[n]
+
+
+def _refuse_load_while_merged(module, state_dict, prefix, *args) -> None:
+    if module.merged:
+        raise RuntimeError(
+            f"cannot load a state dict into the merged SubspaceLinear {prefix.rstrip('.')!r}; "
+            "unmerge() it first"
+        )
 
 
 class SubspaceLinear(nn.Linear):
     """y = x W0^T + b + scale * x V M^T U^T with W0, b, U, V frozen and only M (K x K) trained.
 
-    Buffers U: (out_features, K) and V: (in_features, K), in the weight's dtype; parameter M: (K, K),
-    zero at start (so the layer starts as the frozen one), in float32 unless the weight is float64.
-    Only z = x V (T x K) is kept for backward, never x. Build it with `from_linear`.
+    U: (out_features, K) and V: (in_features, K) are Parameters with requires_grad=False, in the
+    weight's dtype; M: (K, K) is zero at start (so the layer starts as the frozen one), float32 unless
+    the weight is float64. Module-wide casts (`.to(torch.bfloat16)`, `.half()`) move M but never narrow
+    it below float32, so its updates keep full precision; set `layer.M.data` yourself to train it in
+    low precision. Only z = x V (T x K) is kept for backward, never x. Build it with `from_linear`.
     """
+
+    adapter_state_keys = ("U", "V", "M")
 
     def __init__(
         self,
@@ -71,22 +113,24 @@ class SubspaceLinear(nn.Linear):
         device=None,
         dtype=None,
     ) -> None:
+        rank = positive_int("rank K", rank)
+        scale = positive_finite("scale", scale)
+        dispatch.preload(backend)  # rejects an unknown name before anything is built
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        if rank <= 0:
-            raise ValueError(f"rank K must be positive, got {rank}")
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
         factory = {"device": self.weight.device, "dtype": self.weight.dtype}
-        self.register_buffer("U", torch.zeros(out_features, rank, **factory))
-        self.register_buffer("V", torch.zeros(in_features, rank, **factory))
+        self.U = _frozen(torch.zeros(out_features, rank, **factory))
+        self.V = _frozen(torch.zeros(in_features, rank, **factory))
         m_dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
         self.M = nn.Parameter(torch.zeros(rank, rank, device=self.weight.device, dtype=m_dtype))
-        dispatch.preload(backend)  # also rejects an unknown name at construction
-        self.scale = float(scale)
+        self.scale = scale
         self.backend = backend
-        self.last_backend: str | None = None
         self._weight_before_merge: Tensor | None = None
+        self.register_state_dict_post_hook(_unmerged_weight_in_state_dict)
+        self._register_load_state_dict_pre_hook(_refuse_load_while_merged, with_module=True)
+        self._register_load_state_dict_pre_hook(_keep_adapter_if_absent, with_module=True)
 
     @classmethod
     def from_linear(
@@ -109,8 +153,8 @@ class SubspaceLinear(nn.Linear):
         )
         _share_base(module, linear)
         factory = {"device": linear.weight.device, "dtype": linear.weight.dtype}
-        module.U = U.detach().to(**factory).clone(memory_format=torch.contiguous_format)
-        module.V = V.detach().to(**factory).clone(memory_format=torch.contiguous_format)
+        module.U = _frozen(U.detach().to(**factory).clone(memory_format=torch.contiguous_format))
+        module.V = _frozen(V.detach().to(**factory).clone(memory_format=torch.contiguous_format))
         m_dtype = torch.float64 if linear.weight.dtype == torch.float64 else torch.float32
         module.M = nn.Parameter(
             torch.zeros(U.shape[1], U.shape[1], device=factory["device"], dtype=m_dtype)
@@ -126,12 +170,26 @@ class SubspaceLinear(nn.Linear):
         return self._weight_before_merge is not None
 
     def forward(self, x: Tensor) -> Tensor:
+        # No attribute is written here: torch.compile would break the graph on it (and under
+        # activation checkpointing the whole checkpointed region would run eagerly).
         if self.merged:
             return F.linear(x, self.weight, self.bias)
-        y, self.last_backend = subspace_linear(
+        y, _ = subspace_linear(
             x, self.weight, self.bias, self.U, self.V, self.M, self.scale, self.backend
         )
         return y
+
+    def _apply(self, fn, recurse=True):
+        M = self._parameters.get("M")
+
+        def keep_m_precision(t):
+            out = fn(t)
+            is_m = M is not None and (t is M or t is M.grad)
+            if is_m and isinstance(out, Tensor) and out.dtype in _LOW_PRECISION:
+                return t.to(device=out.device, dtype=torch.float32)
+            return out
+
+        return super()._apply(keep_m_precision, recurse)
 
     @torch.no_grad()
     def delta_weight(self) -> Tensor:
@@ -162,12 +220,16 @@ class SubspaceLinear(nn.Linear):
         self._weight_before_merge = None
 
     def extra_repr(self) -> str:
-        used = f", last_backend={self.last_backend}" if self.last_backend else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, K={self.rank}, "
-            f"bias={self.bias is not None}, scale={self.scale}, backend={self.backend}{used}"
+            f"bias={self.bias is not None}, scale={self.scale}, backend={self.backend}"
             + (", merged" if self.merged else "")
         )
+
+
+def _unmerged_weight_in_state_dict(module: SubspaceLinear, state_dict, prefix, local_metadata):
+    if module.merged and prefix + "weight" in state_dict:
+        state_dict[prefix + "weight"] = module._weight_before_merge.detach()
 
 
 class LoRALinear(nn.Linear):
@@ -175,6 +237,8 @@ class LoRALinear(nn.Linear):
 
     lora_A: nn.Linear(in, r) initialised Kaiming-uniform (a = sqrt(5)), lora_B: nn.Linear(r, out) zeros.
     """
+
+    adapter_state_keys = ("lora_A.weight", "lora_B.weight")
 
     def __init__(
         self,
@@ -187,18 +251,20 @@ class LoRALinear(nn.Linear):
         device=None,
         dtype=None,
     ) -> None:
+        rank = positive_int("LoRA rank", rank)
+        alpha = positive_finite("LoRA alpha", alpha)
+        dropout = probability("LoRA dropout", dropout)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        if rank <= 0:
-            raise ValueError(f"LoRA rank must be positive, got {rank}")
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        self.rank, self.alpha = rank, float(alpha)
+        self.rank, self.alpha = rank, alpha
         self.scaling = self.alpha / rank
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(rank, out_features, bias=False, device=device, dtype=dtype)
         self.reset_lora_parameters()
+        self._register_load_state_dict_pre_hook(_keep_adapter_if_absent, with_module=True)
 
     @torch.no_grad()
     def reset_lora_parameters(self) -> None:
@@ -248,6 +314,8 @@ class LoRAConv2d(nn.Conv2d):
     """LoRA of a Conv2d (peft's layout): lora_A = Conv2d(in, r, same kernel/stride/padding/dilation),
     lora_B = Conv2d(r, out, 1); y = conv(x) + (alpha / r) * lora_B(lora_A(dropout(x)))."""
 
+    adapter_state_keys = ("lora_A.weight", "lora_B.weight")
+
     def __init__(self, conv: nn.Conv2d, rank: int, alpha: float, dropout: float = 0.0) -> None:
         if type(conv) is not nn.Conv2d:
             raise TypeError(f"LoRAConv2d wraps a plain nn.Conv2d, got {type(conv).__name__}")
@@ -255,8 +323,9 @@ class LoRAConv2d(nn.Conv2d):
             raise ValueError(
                 f"LoRA of a grouped convolution (groups={conv.groups}) is not supported"
             )
-        if rank <= 0:
-            raise ValueError(f"LoRA rank must be positive, got {rank}")
+        rank = positive_int("LoRA rank", rank)
+        alpha = positive_finite("LoRA alpha", alpha)
+        dropout = probability("LoRA dropout", dropout)
         super().__init__(**conv_arguments(conv), device="meta")
         _share_base(self, conv)
         factory = {"device": conv.weight.device, "dtype": conv.weight.dtype}
@@ -277,6 +346,7 @@ class LoRAConv2d(nn.Conv2d):
         with torch.no_grad():
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B.weight)
+        self._register_load_state_dict_pre_hook(_keep_adapter_if_absent, with_module=True)
 
     @classmethod
     def from_conv(
@@ -293,7 +363,12 @@ class LoRAConv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         base = super().forward(x)
-        return base + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        delta = self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        # Added in place so the result keeps the base convolution's exact strides: out of place,
+        # a channels_last (N, C, 1, 1) map comes back NCHW-strided, and the next convolution may
+        # then take another kernel (other rounding) than without the adapter. The convolution's
+        # backward needs its input, not its output, so the in-place add is safe for autograd.
+        return base.add_(delta)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r={self.rank}, alpha={self.alpha}"

@@ -242,7 +242,7 @@ def test_compiled_layer_on_the_triton_backend_matches_eager():
     x.grad, layer.M.grad = None, None
     out = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
     out.sum().backward()
-    assert layer.last_backend == "triton"
+    assert layer.backend == "triton"  # an explicit backend runs or raises
     torch.testing.assert_close(out, eager)
     torch.testing.assert_close(x.grad, dx)
     torch.testing.assert_close(layer.M.grad, dm)
