@@ -4,8 +4,11 @@ pre-training) and the held-out downstream tasks (never used for mining).
 Seeding: every draw comes from its own numpy stream keyed by (seed, family, dataset, scene,
 attribute), so a spec never depends on the order of draws, on the number of views of another
 attribute, or on which other datasets are generated. Inside dataset d of family a, scene k takes
-attribute a from its own stream (scene index k + 1) and every other attribute from the dataset's
-fixed stream (scene index 0).
+attribute a from the dataset's own stream (dataset d, scene index k + 1, drawn with the dataset's
+style) and every other attribute from a stream that depends on the scene index k alone, shared by
+all datasets of the family. So the fixed attributes change from scene to scene (a LoRA cannot learn
+one constant target), and scene k of every dataset of family a differs only in attribute a: the
+datasets differ only in the distribution of the varied attribute.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ FAMILIES = (*ATTRIBUTES, MIXED, *DOWNSTREAM_TASKS)
 _FAMILY_CODE = {name: i for i, name in enumerate(FAMILIES)}
 _ATTR_CODE = {name: i for i, name in enumerate(ATTRIBUTES)}
 _STYLE_STREAM = 99
+# Streams of the attributes held fixed in an attribute family: keyed by scene index, not dataset.
+_SHARED_STREAM = 200
 
 MICROBASELINE_CAMERA = {
     "kind": "handheld",
@@ -140,13 +145,29 @@ def _mixed_scene(family: str, seed: int, d: int, k: int, views: int) -> tuple[Sc
     return SceneSpec(**parts), styles
 
 
+def shared_attributes(family: str, scene: int, views: int, seed: int) -> dict:
+    """The attributes other than `family` of scene index `scene` in every dataset of an attribute
+    family (default styles; one stream per scene index and attribute, no dataset in the key)."""
+    return {
+        a: _draw(
+            a,
+            _rng(seed, family, 0, scene, _SHARED_STREAM + _ATTR_CODE[a]),
+            views,
+            smp.DEFAULT_STYLES[a],
+        )
+        for a in ATTRIBUTES
+        if a != family
+    }
+
+
 def family_specs(
     family: str, n_datasets: int, scenes_per_dataset: int, views: int, seed: int
 ) -> list[DatasetSpec]:
     """The scene specs of a family (no rendering).
 
-    family: an attribute (texture / geometry / camera / lighting): inside each dataset only that
-    field of the SceneSpec changes from scene to scene, the other three are one draw per dataset;
+    family: an attribute (texture / geometry / camera / lighting): dataset d draws that field of
+    scene k from its own style, the other three fields of scene k are the same in every dataset
+    (shared_attributes) and change with k;
     "mixed": everything varies; or a held-out downstream task (microbaseline / photo /
     unusual_lighting)."""
     _check_args(family, n_datasets, scenes_per_dataset, views, seed)
@@ -154,13 +175,9 @@ def family_specs(
     for d in range(n_datasets):
         if family in ATTRIBUTES:
             style = smp.draw_style(family, _rng(seed, family, d, 0, _STYLE_STREAM))
-            fixed = {
-                a: _draw(a, _rng(seed, family, d, 0, _ATTR_CODE[a]), views, smp.DEFAULT_STYLES[a])
-                for a in ATTRIBUTES
-                if a != family
-            }
             scenes = []
             for k in range(scenes_per_dataset):
+                fixed = shared_attributes(family, k, views, seed)
                 varied = _draw(
                     family, _rng(seed, family, d, k + 1, _ATTR_CODE[family]), views, style
                 )
