@@ -137,3 +137,99 @@ def test_vggt_loss_on_model_outputs_backpropagates():
     assert model.camera_head.embed_pose.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="lacks"):
         vggt_loss({}, {"images": batch["images"]})
+
+
+def _far_pixel_scene(far: float):
+    """An 8 x 8 depth map at 1 except the corner pixel (0, 0) at `far`; prediction 1 everywhere."""
+    gt = torch.ones(1, 1, 8, 8, 1)
+    gt[0, 0, 0, 0, 0] = far
+    pred = torch.ones(1, 1, 8, 8, 1, requires_grad=True)
+    mask = torch.ones(1, 1, 8, 8, dtype=torch.bool)
+    conf = torch.full((1, 1, 8, 8), 2.0, requires_grad=True)
+    return pred, gt, mask, conf
+
+
+def test_far_ground_truth_is_clamped_at_100_as_released():
+    pred, gt, mask, conf = _far_pixel_scene(150.0)
+    out = regression_loss(pred, gt, mask, conf, gradient="grad", gamma=1.0, alpha=0.2)
+    # The far pixel counts as depth 100: residual 99 (under the residual bound of 100).
+    torch.testing.assert_close(out["reg"], torch.tensor(99 / 64))
+    # Its confidence term 99 * 2 - 0.2 log 2 is bounded at 100; the others are -0.2 log 2.
+    torch.testing.assert_close(out["conf"], torch.tensor((100 - 63 * 0.2 * math.log(2)) / 64))
+    # A corner pixel has 2 differences of 99 at scales 1, 2, 4 (64, 16, 4 values); none at 8.
+    torch.testing.assert_close(out["grad"], torch.tensor((198 / 64 + 198 / 16 + 198 / 4) / 4))
+    # Any depth beyond 100 is the same sample.
+    far = regression_loss(*_far_pixel_scene(1e6), gradient="grad", gamma=1.0, alpha=0.2)
+    for key in out:
+        assert torch.equal(far[key], out[key]), key
+    total = out["reg"] + out["conf"] + out["grad"]
+    total.backward()
+    assert torch.isfinite(pred.grad).all() and torch.isfinite(conf.grad).all()
+    assert pred.grad[0, 0, 0, 0, 0] != 0  # residual 99 < 100: the far pixel still trains
+    assert conf.grad[0, 0, 0, 0] == 0  # its confidence term sits at the bound
+
+
+def test_vggt_loss_clamps_normalised_depth_and_points():
+    ext, k = _cameras(b=1, s=2)
+    depths = torch.ones(1, 2, 12, 12)
+    from attrspace.geometry import unproject_depth
+
+    def batch_with(far: float) -> dict:
+        d = depths.clone()
+        d[0, 1, 5, 6] = far
+        points = unproject_depth(depths, k, ext)
+        points[0, 1, 5, 6] = torch.tensor([0.5, -0.5, far])  # only z lies beyond 100
+        return {
+            "images": torch.rand(1, 2, 3, 12, 12, generator=torch.Generator().manual_seed(0)),
+            "depths": d,
+            "extrinsics": ext,
+            "intrinsics": k,
+            "world_points": points,
+            "point_masks": d > 0,
+        }
+
+    g = torch.Generator().manual_seed(1)
+    predictions = {
+        "depth": (1 + 0.1 * torch.rand(1, 2, 12, 12, 1, generator=g)).requires_grad_(),
+        "depth_conf": 1 + torch.rand(1, 2, 12, 12, generator=g),
+        "world_points": torch.randn(1, 2, 12, 12, 3, generator=g).requires_grad_(),
+        "world_points_conf": 1 + torch.rand(1, 2, 12, 12, generator=g),
+    }
+    config = LossConfig(min_valid_pixels=10)
+    # Without normalisation the far pixel's depth and points lie beyond 100 in both batches.
+    near = vggt_loss(predictions, batch_with(150.0), config, normalize=False)
+    far = vggt_loss(predictions, batch_with(1e5), config, normalize=False)
+    for key in near:
+        assert torch.equal(near[key], far[key]), key
+    near["objective"].backward()
+    assert torch.isfinite(predictions["depth"].grad).all()
+    assert torch.isfinite(predictions["world_points"].grad).all()
+
+
+def test_camera_errors_are_bounded_at_100_per_element():
+    ext, k = _cameras(b=1, s=2)
+    gt = extrinsics_to_pose_encoding(ext, k, (28, 28))
+    pred = gt.clone()
+    pred[..., 0] += 500.0  # translation
+    pred[..., 3] += 300.0  # rotation
+    pred[..., 7] += 200.0  # field of view
+    out = camera_loss([pred], ext, k, (28, 28))
+    torch.testing.assert_close(out["loss_T"], torch.tensor(100 / 3))
+    torch.testing.assert_close(out["loss_R"], torch.tensor(100 / 4))
+    torch.testing.assert_close(out["loss_FL"], torch.tensor(100 / 2))
+
+
+def test_non_finite_ground_truth_raises_at_valid_pixels_and_is_zeroed_elsewhere():
+    pred, gt, mask, conf = _far_pixel_scene(1.0)
+    gt[0, 0, 3, 3, 0] = float("nan")
+    gt[0, 0, 4, 4, 0] = float("inf")
+    with pytest.raises(ValueError, match="valid pixels"):
+        regression_loss(pred, gt, mask, conf, gradient="grad")
+    mask[0, 0, 3, 3] = mask[0, 0, 4, 4] = False
+    out = regression_loss(pred, gt, mask, conf, gradient="grad")
+    assert all(torch.isfinite(v) for v in out.values())
+    # A masked-out pixel contributes nothing, whatever it held.
+    gt[0, 0, 3, 3, 0] = gt[0, 0, 4, 4, 0] = 7.0
+    clean = regression_loss(pred, gt, mask, conf, gradient="grad")
+    for key in out:
+        assert torch.equal(out[key], clean[key]), key

@@ -1,9 +1,22 @@
 """VGGT's training losses: camera (stage-weighted over the refinement iterations), depth and point
-maps (confidence-weighted, plus a gradient or normal term), as the released training code computes
-them. All weights are arguments; the defaults are the released fine-tuning configuration.
+maps (confidence-weighted, plus a gradient or normal term), as the released training code
+(facebookresearch/vggt, training/loss.py) computes them. All weights are arguments; the defaults are
+the released fine-tuning configuration.
 
 Ground truth must be normalised first (`attrspace.models.vggt.pose.normalize_scene`; `vggt_loss`
 does it for you): camera 0 is the world frame, lengths are divided by the mean point distance.
+
+The released code bounds every term at 100 (its `check_and_fix_inf_nan`, `hard_max=100`), and so do
+these functions: ground-truth depths and points are clamped to [-100, 100] (normalised units), and
+so are the per-element camera errors, the per-pixel residual norms, the confidence terms and the
+finite differences of the gradient term. Where this module differs, on purpose:
+- non-finite ground truth at a valid pixel raises ValueError instead of being replaced by 0 (it is
+  a broken sample, not an outlier); at masked-out pixels it is replaced by 0, as released, so it
+  cannot leak into the gradient term through `0 * nan`;
+- non-finite loss terms are not replaced by 0: a NaN prediction gives a NaN loss the trainer sees
+  (the clamps still map an infinite term to +-100);
+- `filter_by_quantile` takes its quantile over all values, never a random subset (the released code
+  subsamples 1e6 of them above 1e8 values, far beyond a training batch of this package).
 """
 
 from __future__ import annotations
@@ -17,6 +30,11 @@ from torch import Tensor
 from attrspace.models.vggt.pose import extrinsics_to_pose_encoding, normalize_scene
 
 _HARD_MAX = 100.0
+
+
+def _bound(t: Tensor) -> Tensor:
+    """Clamp to [-100, 100], the released code's `hard_max` on every loss term."""
+    return t.clamp(min=-_HARD_MAX, max=_HARD_MAX)
 
 
 def _zero_like_graph(t: Tensor) -> Tensor:
@@ -42,7 +60,8 @@ def camera_loss(
 
     pose_enc_list: stages x (B, S, 9); gt_extrinsics (B, S, 3, 4); gt_intrinsics (B, S, 3, 3);
     point_masks (B, S, H, W) bool: scenes whose frame 0 has <= min_valid_pixels valid pixels are
-    left out. Translation errors are clamped at 100 per element.
+    left out. Every absolute error (translation, rotation, field of view) is clamped at 100 per
+    element, as released (only the translation's can reach it in practice).
     Returns loss_camera = wT * loss_T + wR * loss_R + wFoV * loss_FL, and the three parts.
     """
     if not pose_enc_list:
@@ -65,7 +84,8 @@ def camera_loss(
                 parts[key] = parts[key] + _zero_like_graph(pred)
             continue
         diff = (pred[valid] - gt[valid].to(pred.dtype)).abs()
-        parts["loss_T"] = parts["loss_T"] + w * diff[..., :3].clamp(max=_HARD_MAX).mean()
+        diff = _bound(diff)
+        parts["loss_T"] = parts["loss_T"] + w * diff[..., :3].mean()
         parts["loss_R"] = parts["loss_R"] + w * diff[..., 3:7].mean()
         parts["loss_FL"] = parts["loss_FL"] + w * diff[..., 7:].mean()
     out = {key: value / n for key, value in parts.items()}
@@ -196,10 +216,12 @@ def regression_loss(
     """Confidence-weighted regression of a dense map.
 
     pred, gt (B, S, H, W, C); mask (B, S, H, W) bool; conf (B, S, H, W) > 1.
-    e = ||gt - pred|| per valid pixel; conf term mean(gamma * e * c - alpha * log c); reg term
-    mean(e) (both filtered by `valid_range`, see filter_by_quantile); gradient term "grad" (L1 of
-    residual differences, 4 scales), "normal" (1 - cos of neighbour normals, 3 scales) or None.
-    Returns {"conf", "reg", "grad"} (scalars).
+    The ground truth is first clamped to [-100, 100] (the released code does this in its
+    compute_depth_loss / compute_point_loss, the only callers of its regression_loss).
+    e = min(||gt - pred||, 100) per valid pixel; conf term mean(clamp(gamma * e * c - alpha * log c,
+    -100, 100)); reg term mean(e) (both filtered by `valid_range`, see filter_by_quantile); gradient
+    term "grad" (L1 of residual differences, 4 scales), "normal" (1 - cos of neighbour normals, 3
+    scales) or None. Returns {"conf", "reg", "grad"} (scalars).
     """
     if pred.shape != gt.shape or pred.shape[:-1] != mask.shape or conf.shape != mask.shape:
         raise ValueError(
@@ -210,10 +232,12 @@ def regression_loss(
         raise ValueError(f"gradient must be 'grad', 'normal' or None, got {gradient!r}")
     if mask.dtype != torch.bool:
         raise TypeError(f"mask must be bool, got {mask.dtype}")
-    if not torch.isfinite(gt[mask]).all():
+    finite = torch.isfinite(gt)
+    if not finite[mask].all():
         raise ValueError("ground truth holds NaN or infinite values at valid pixels")
-    err = (gt[mask] - pred[mask]).norm(dim=-1)
-    conf_term = gamma * err * conf[mask] - alpha * torch.log(conf[mask])
+    gt = _bound(torch.where(finite, gt, torch.zeros_like(gt)))
+    err = _bound((gt[mask] - pred[mask]).norm(dim=-1))
+    conf_term = _bound(gamma * err * conf[mask] - alpha * torch.log(conf[mask]))
     b, s, h, w, c = pred.shape
     flat = (pred.reshape(b * s, h, w, c), gt.reshape(b * s, h, w, c), mask.reshape(b * s, h, w))
     grad_conf = conf.reshape(b * s, h, w) if gradient_conf else None
