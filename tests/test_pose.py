@@ -182,3 +182,62 @@ def test_normalize_scene_refuses_empty_scenes_and_bad_shapes():
         normalize_scene(*batch, masks.float())
     with pytest.raises(ValueError):
         normalize_scene(extrinsics, depth, points, masks[0])
+
+
+def _half_turn(axis) -> torch.Tensor:
+    axis = torch.nn.functional.normalize(torch.tensor(axis, dtype=torch.float64), dim=0)
+    return 2 * torch.outer(axis, axis) - torch.eye(3, dtype=torch.float64)
+
+
+def test_quaternions_of_identity_and_half_turns_are_exact():
+    eye = torch.eye(3)
+    assert torch.equal(matrix_to_quaternion(eye), torch.tensor([0.0, 0.0, 0.0, 1.0]))
+    for i, axis in enumerate(torch.eye(3)):
+        rot = 2 * torch.outer(axis, axis) - eye
+        assert torch.equal(matrix_to_quaternion(rot), torch.cat((axis, torch.zeros(1)))), i
+
+
+@pytest.mark.parametrize(
+    "name", ["identity", "half_x", "half_y", "half_z", "half_oblique", "random"]
+)
+def test_quaternion_gradients_are_finite_everywhere(name):
+    rots = {
+        "identity": torch.eye(3, dtype=torch.float64),
+        "half_x": _half_turn([1.0, 0.0, 0.0]),
+        "half_y": _half_turn([0.0, 1.0, 0.0]),
+        "half_z": _half_turn([0.0, 0.0, 1.0]),
+        "half_oblique": _half_turn([2.0, -3.0, 6.0]),
+        "random": _random_rotations(1, seed=3)[0],
+    }
+    for dtype in (torch.float32, torch.float64):
+        rot = rots[name].to(dtype).requires_grad_(True)
+        weights = torch.randn(4, generator=torch.Generator().manual_seed(0), dtype=dtype)
+        (matrix_to_quaternion(rot) * weights).sum().backward()
+        assert torch.isfinite(rot.grad).all(), dtype
+        assert rot.grad.abs().sum() > 0, dtype
+
+
+def test_quaternion_gradients_match_finite_differences():
+    # Where q is smooth (w clearly positive): q itself, over arbitrary 3 x 3 perturbations.
+    for rot in (torch.eye(3, dtype=torch.float64), *_random_rotations(3, seed=4)):
+        assert torch.autograd.gradcheck(matrix_to_quaternion, (rot.clone().requires_grad_(),))
+
+    # At half turns w = 0 and q flips sign across it (w >= 0 convention): its sign-free
+    # function q q^T is smooth there, and must match finite differences.
+    def outer(rot):
+        q = matrix_to_quaternion(rot)
+        return q[..., :, None] * q[..., None, :]
+
+    for axis in ([1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [2.0, -3.0, 6.0]):
+        rot = _half_turn(axis).requires_grad_()
+        assert torch.autograd.gradcheck(outer, (rot,)), axis
+
+
+def test_pose_encoding_of_camera_zero_is_differentiable():
+    # After normalisation camera 0 is exactly the identity: the encoding must still backpropagate.
+    ext = torch.eye(3, 4).expand(2, 3, 4).clone()
+    ext[1, :, 3] = torch.tensor([0.5, -0.2, 0.1])
+    ext.requires_grad_()
+    k = torch.tensor([[20.0, 0, 14], [0, 25.0, 14], [0, 0, 1]]).expand(2, 3, 3)
+    extrinsics_to_pose_encoding(ext, k, (28, 28)).square().sum().backward()
+    assert torch.isfinite(ext.grad).all()

@@ -41,6 +41,13 @@ def matrix_to_quaternion(rot: Tensor) -> Tensor:
 
     Of the four algebraically equivalent formulas, each entry uses the one with the largest
     denominator (the best conditioned), so the result is accurate for every rotation.
+
+    Differentiable everywhere: the only square root in the graph is that of the chosen formula's
+    denominator, which is at least 1 for any 3 x 3 matrix (the four squared magnitudes below sum
+    to 4), so the identity and half turns have finite gradients. (Taking the square root of all
+    four and clamping the small ones gave 0 * inf = NaN at the identity.) At a half turn w = 0 and
+    the sign convention w >= 0 makes q jump to -q across it; functions of q that do not depend on
+    its sign (q q^T, the rotation matrix) are smooth there.
     """
     _check_last_dims("rot", rot, (3, 3))
     m = rot
@@ -50,7 +57,9 @@ def matrix_to_quaternion(rot: Tensor) -> Tensor:
         (1 + m00 + m11 + m22, 1 + m00 - m11 - m22, 1 - m00 + m11 - m22, 1 - m00 - m11 + m22),
         dim=-1,
     )
-    mag = torch.sqrt(sq.clamp(min=0))  # 2|w|, 2|x|, 2|y|, 2|z|
+    # argmax of 2|w|, 2|x|, 2|y|, 2|z| (of the magnitudes, not their squares, so ties resolve as
+    # they always have); an index carries no gradient.
+    best = torch.sqrt(sq.clamp(min=0)).argmax(dim=-1)
     m21_12, m02_20, m10_01 = (
         m[..., 2, 1] - m[..., 1, 2],
         m[..., 0, 2] - m[..., 2, 0],
@@ -71,9 +80,9 @@ def matrix_to_quaternion(rot: Tensor) -> Tensor:
         ),
         dim=-2,
     )  # (..., 4 candidates, 4 components wxyz)
-    cands = cands / (2.0 * mag.clamp(min=0.1))[..., None]
-    best = mag.argmax(dim=-1)
-    wxyz = torch.gather(cands, -2, best[..., None, None].expand(*best.shape, 1, 4)).squeeze(-2)
+    chosen = torch.gather(cands, -2, best[..., None, None].expand(*best.shape, 1, 4)).squeeze(-2)
+    denom = 2.0 * torch.sqrt(torch.gather(sq, -1, best[..., None]))  # 4 |chosen component| >= 2
+    wxyz = chosen / denom
     xyzw = torch.cat((wxyz[..., 1:], wxyz[..., :1]), dim=-1)
     xyzw = torch.where(xyzw[..., 3:] < 0, -xyzw, xyzw)
     return xyzw / xyzw.norm(dim=-1, keepdim=True)
