@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import dispatch
+from ._checks import positive_finite, positive_int, probability
 from .bank import SubspaceBank
 from .nn import LoRAConv2d, LoRALinear, SubspaceLinear, conv_arguments
 
@@ -43,14 +45,35 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def _built_or_untouched(model: nn.Module, build):
+    """Run `build()` (which makes every new module, sharing and freezing base parameters); if it
+    raises, put back every requires_grad flag, so a refused injection leaves the model as it was.
+
+    The flags seen before the first injection are remembered for `uninject`.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    by_name = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        built = build()
+    except BaseException:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
+    if not hasattr(model, _SAVED_FLAGS):
+        object.__setattr__(model, _SAVED_FLAGS, by_name)
+    return built
+
+
+def _swap_all(model: nn.Module, new_modules: dict[str, nn.Module]) -> None:
+    for name, module in new_modules.items():
+        _set_module(model, name, module)
+
+
 def _freeze_all(model: nn.Module) -> None:
-    """Remember every parameter's requires_grad (first injection only) and freeze all but adapters.
+    """Freeze all but adapters.
 
     Adapters injected earlier stay trainable, so a bank on the blocks and LoRA on the heads compose.
     """
-    if not hasattr(model, _SAVED_FLAGS):
-        flags = {name: p.requires_grad for name, p in model.named_parameters()}
-        object.__setattr__(model, _SAVED_FLAGS, flags)
     model.requires_grad_(False)
     for module in model.modules():
         if isinstance(module, SubspaceLinear):
@@ -96,12 +119,17 @@ def inject(
             )
     if problems:
         raise ValueError("the bank does not fit the model:\n  " + "\n  ".join(problems))
-    s = bank.scale if scale is None else float(scale)
+    s = bank.scale if scale is None else positive_finite("scale", scale, "inject")
+    dispatch.preload(backend)
+    new_modules = _built_or_untouched(
+        model,
+        lambda: {
+            name: SubspaceLinear.from_linear(modules[name], layer.U, layer.V, s, backend)
+            for name, layer in bank.layers.items()
+        },
+    )
     _freeze_all(model)
-    for name, layer in bank.layers.items():
-        _set_module(
-            model, name, SubspaceLinear.from_linear(modules[name], layer.U, layer.V, s, backend)
-        )
+    _swap_all(model, new_modules)
     return _report(model, "subspace", list(bank.layers))
 
 
@@ -121,9 +149,14 @@ def inject_lora(
     Targets are name suffixes on dot boundaries ("attn.qkv" matches "blocks.3.attn.qkv") or full names.
     Every other parameter is frozen. A target that matches no module raises ValueError.
     """
+    rank = positive_int("rank", rank, "inject_lora")
+    alpha = positive_finite("alpha", alpha, "inject_lora")
+    dropout = probability("dropout", dropout, "inject_lora")
     targets = [targets] if isinstance(targets, str) else list(targets)
     if not targets:
         raise ValueError("targets is empty")
+    if not all(isinstance(t, str) and t for t in targets):
+        raise TypeError(f"targets must be non-empty strings, got {targets!r}")
     chosen, problems = [], []
     for name, module in model.named_modules():
         if not name or not _matches(name, targets):
@@ -136,21 +169,24 @@ def inject_lora(
     problems += [f"target {t!r} matches no nn.Linear or nn.Conv2d" for t in unmatched]
     if problems:
         raise ValueError("cannot inject LoRA:\n  " + "\n  ".join(problems))
+
+    def build() -> dict[str, nn.Module]:
+        return {
+            name: (
+                LoRALinear.from_linear(module, rank, alpha, dropout)
+                if type(module) is nn.Linear
+                else LoRAConv2d.from_conv(module, rank, alpha, dropout)
+            )
+            for name, module in chosen
+        }
+
+    new_modules = _built_or_untouched(model, build)
     _freeze_all(model)
-    for name, module in chosen:
-        if type(module) is nn.Linear:
-            adapter = LoRALinear.from_linear(module, rank, alpha, dropout)
-        else:
-            adapter = LoRAConv2d.from_conv(module, rank, alpha, dropout)
-        _set_module(model, name, adapter)
+    _swap_all(model, new_modules)
     return _report(model, "lora", [n for n, _ in chosen])
 
 
 def _plain(module: nn.Module, merge: bool) -> nn.Module:
-    if isinstance(module, SubspaceLinear) and module.merged:
-        raise RuntimeError(
-            "unmerge() the layer before uninject; use uninject(merge=True) to fold updates"
-        )
     if isinstance(module, nn.Conv2d):
         plain = nn.Conv2d(**conv_arguments(module), device="meta")
     else:
@@ -176,8 +212,20 @@ def uninject(model: nn.Module, merge: bool = False) -> list[str]:
     dropped); merge=True folds each adapter's update into a new weight. Returns the names replaced.
     """
     names = [n for n, m in model.named_modules() if isinstance(m, _ADAPTERS)]
-    for name in names:
-        _set_module(model, name, _plain(model.get_submodule(name), merge))
+    merged = [
+        n
+        for n in names
+        if isinstance(model.get_submodule(n), SubspaceLinear) and model.get_submodule(n).merged
+    ]
+    if merged:
+        raise RuntimeError(
+            f"{len(merged)} layers are merged ({', '.join(merged[:3])}{', ...' if len(merged) > 3 else ''});"
+            " unmerge() them before uninject, or use uninject(merge=True) on unmerged layers to fold"
+            " the updates"
+        )
+    # Every plain module is built before the first swap, so a failure leaves the model as it was.
+    plain = {name: _plain(model.get_submodule(name), merge) for name in names}
+    _swap_all(model, plain)
     flags = getattr(model, _SAVED_FLAGS, None)
     if flags is not None:
         for name, p in model.named_parameters():
