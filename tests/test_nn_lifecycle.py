@@ -247,3 +247,16 @@ def test_uninject_with_a_merged_layer_swaps_nothing():
     with pytest.raises(RuntimeError, match=r"blocks\.1\.mlp\.fc2"):
         uninject(model)
     assert_same_state(state_of(model), before)
+
+
+def test_vggt_aggregator_with_a_bank_and_checkpointing_compiles_to_one_graph():
+    from attrspace.models.vggt import VGGT, VGGTConfig, adaptation_targets
+
+    torch.manual_seed(0)
+    vggt = VGGT(VGGTConfig.tiny(gradient_checkpointing=True, enable_point=False))
+    names = adaptation_targets(vggt, "paper-subspace").subspace
+    inject(vggt, random_bank(linear_shapes(vggt, names), 4))
+    vggt.train()
+    explanation = torch._dynamo.explain(vggt.aggregator)(torch.rand(1, 2, 3, 56, 56))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
