@@ -1,0 +1,199 @@
+"""Adapters on models wrapped for data-parallel training: DDP, FSDP2 (`fully_shard`), and FSDP1.
+
+DDP needs nothing from here: only the trainable tensors (M, LoRA A/B) are all-reduced, and frozen
+bases held as parameters are not re-broadcast each step (DDP broadcasts buffers, not parameters).
+FSDP2 shards every parameter into a DTensor, so code that reads whole tensors (export, merge) must
+gather them first; the helpers below do that, collectively: EVERY rank calls them, in the same
+order, and rank 0 receives the result. FSDP1 is refused (see `check_wrapping`).
+
+    shard_blocks(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                       reduce_dtype=torch.float32))
+    ... train ...
+    state = merged_state_dict(model)         # all ranks; rank 0 gets the plain, folded state dict
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+
+from .nn import LoRAConv2d, LoRALinear, SubspaceLinear
+
+ADAPTER_TYPES = (SubspaceLinear, LoRALinear, LoRAConv2d)
+# Module-name segments that wrappers insert (torch.compile, activation checkpointing, FSDP1); a
+# checkpoint key never contains them, so names are compared without them.
+_WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"})
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / torch.compile wrappers (FSDP2 wraps in place)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def clean_name(name: str) -> str:
+    """`name` without the segments that wrappers insert: the key layout of a plain model."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
+
+
+def adapter_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every SubspaceLinear / LoRALinear / LoRAConv2d by its plain qualified name, in module order."""
+    return {
+        clean_name(name): m
+        for name, m in unwrap(model).named_modules()
+        if isinstance(m, ADAPTER_TYPES)
+    }
+
+
+def check_wrapping(model: nn.Module) -> None:
+    """Refuse a model whose adapters sit inside FSDP1 (`FullyShardedDataParallel`).
+
+    FSDP1 flattens a wrapped unit's parameters into one FlatParameter: with use_orig_params=False it
+    refuses units that mix frozen and trainable parameters (every adapted layer does), and with
+    use_orig_params=True the layer's frozen weight becomes a view of a trainable FlatParameter, so
+    the frozen-weight contract of SubspaceLinear breaks. FSDP2 (`fully_shard`) keeps each
+    parameter's own requires_grad and is the supported way to shard. Raises TypeError naming the
+    FSDP1 unit and the first adapter inside it.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    for name, module in unwrap(model).named_modules():
+        if not isinstance(module, FullyShardedDataParallel):
+            continue
+        inner = [n for n, m in module.named_modules() if isinstance(m, ADAPTER_TYPES)]
+        if inner:
+            where = clean_name(f"{name}.{inner[0]}" if name else inner[0])
+            raise TypeError(
+                f"attrspace adapters do not run under FSDP1 (FullyShardedDataParallel wraps "
+                f"{where}); shard with FSDP2 instead: torch.distributed.fsdp.fully_shard, "
+                f"e.g. attrspace.distributed.shard_blocks(model)"
+            )
+
+
+def shard_blocks(
+    model: nn.Module,
+    *,
+    block_types: tuple[type[nn.Module], ...] | None = None,
+    mesh=None,
+    mp_policy=None,
+    reshard_after_forward: bool = True,
+) -> list[str]:
+    """Apply FSDP2 `fully_shard` to every transformer block of `model`, then to `model` itself.
+
+    block_types defaults to the package's VGGT `Block` (DINO, frame, global and camera-trunk
+    blocks); everything outside a block (embeddings, heads, their LoRAs) belongs to the root unit.
+    One unit per block is what lets FSDP2 gather one block's weights at a time and overlap the
+    next gather with compute. Returns the names of the blocks sharded. Call it after injection and
+    before building the optimizer (fully_shard replaces parameters by DTensors).
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if block_types is None:
+        from .models.vggt.layers import Block
+
+        block_types = (Block,)
+    check_wrapping(model)
+    options = {
+        "mesh": mesh,
+        "mp_policy": MixedPrecisionPolicy() if mp_policy is None else mp_policy,
+        "reshard_after_forward": reshard_after_forward,
+    }
+    names = [n for n, m in model.named_modules() if n and isinstance(m, block_types)]
+    if not names:
+        raise ValueError(f"the model holds no module of type {[t.__name__ for t in block_types]}")
+    for name in names:
+        fully_shard(model.get_submodule(name), **options)
+    fully_shard(model, **options)
+    return names
+
+
+def _full(t: Tensor) -> Tensor:
+    """The whole tensor: an all-gather for a DTensor (collective), the tensor itself otherwise."""
+    t = t.detach()
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def full_adapter_state(model: nn.Module) -> dict[str, dict]:
+    """Every adapter's full tensors, gathered from FSDP2 shards, on rank 0 as CPU tensors.
+
+    Collective under torch.distributed: every rank must call it; ranks other than 0 get {}.
+    Works as well on a DDP-wrapped, compiled or plain model. Returns, by plain layer name:
+      SubspaceLinear: {"kind": "subspace", "U": (d_out, K), "V": (d_in, K), "M": (K, K),
+                       "scale": float, "merged": bool}
+      LoRALinear / LoRAConv2d: {"kind": "lora", "lora_A": (r, d_in[, kh, kw]),
+                       "lora_B": (d_out, r[, 1, 1]), "rank": int, "alpha": float, "scaling": float}
+    Tensors keep their dtypes (M is float32 master weights under a bf16 FSDP2 policy).
+    """
+    check_wrapping(model)
+    keep = _rank() == 0
+    state: dict[str, dict] = {}
+    for name, m in adapter_modules(model).items():
+        if isinstance(m, SubspaceLinear):
+            entry = {"kind": "subspace", "scale": float(m.scale), "merged": bool(m.merged)}
+            tensors = {"U": m.U, "V": m.V, "M": m.M}
+        else:
+            entry = {"kind": "lora", "rank": m.rank, "alpha": m.alpha, "scaling": m.scaling}
+            tensors = {"lora_A": m.lora_A.weight, "lora_B": m.lora_B.weight}
+        for key, t in tensors.items():
+            full = _full(t)
+            if keep:
+                entry[key] = full.cpu().clone()
+        if keep:
+            state[name] = entry
+    return state
+
+
+def _delta(entry: dict, shape: torch.Size, acc: torch.dtype) -> Tensor:
+    """The entry's weight update, reshaped to the layer weight's `shape`, in `acc` precision."""
+    if entry["kind"] == "subspace":
+        U, V, M = (entry[k].to(acc) for k in ("U", "V", "M"))
+        return entry["scale"] * (U @ M @ V.t())
+    B, A = entry["lora_B"].flatten(1).to(acc), entry["lora_A"].flatten(1).to(acc)
+    return (entry["scaling"] * (B @ A)).reshape(shape)
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The model's state dict in the plain key layout with every adapter folded into its weight.
+
+    Collective: every rank calls it; rank 0 gets the dict (CPU tensors), the others {}. Keys are
+    those of the model before injection (no U, V, M, lora_A, lora_B), so the result loads with
+    strict=True into a plain model or an official checkpoint's layout. Each update is added in fp32
+    (fp64 for fp64 weights) and rounded once to the weight's dtype, as `uninject(merge=True)` does.
+    A merged SubspaceLinear saves its unmerged weight (attrspace.nn), so it is folded like the rest.
+    This is merge and uninject for an FSDP2 model: load the result into a plain, unsharded model.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    adapters = full_adapter_state(model)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    # get_model_state_dict gathers one tensor at a time and keeps it on rank 0 only (cpu_offload),
+    # so a 1B model never needs a full copy in every rank's memory.
+    state = get_model_state_dict(unwrap(model), options=options)
+    if _rank() != 0:
+        return {}
+    state = {clean_name(k): v for k, v in state.items()}
+    for name, entry in adapters.items():
+        weight_key = f"{name}.weight"
+        if weight_key not in state:
+            raise KeyError(f"{weight_key}: the adapter's weight is missing from the state dict")
+        owned = [
+            k for k in state if k.startswith(f"{name}.") and k not in (weight_key, f"{name}.bias")
+        ]
+        for key in owned:
+            del state[key]
+        weight = state[weight_key]
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        folded = weight.to(acc) + _delta(entry, weight.shape, acc)
+        state[weight_key] = folded.to(weight.dtype)
+    return state
