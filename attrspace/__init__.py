@@ -4,8 +4,8 @@ Importing the package loads neither triton nor the compiled extension attrspace.
 on first use by the backend that needs them.
 """
 
+from . import backends
 from .bank import BankFileError, LayerSubspace, SubspaceBank
-from .dispatch import backends
 from .functional import SubspaceLinearFn, subspace_linear
 from .inject import InjectionReport, inject, inject_lora, uninject
 from .nn import LoRAConv2d, LoRALinear, SubspaceLinear

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import dispatch
+from . import backends
 from .reference import accum_dtype, grad_m
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -28,7 +28,7 @@ class SubspaceLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, U, V, M, scale: float, backend: str):
-        impl = dispatch.implementation(backend)
+        impl = backends.implementation(backend)
         d_in, d_out = weight.shape[1], weight.shape[0]
         lead = x.shape[:-1]
         x2 = x.reshape(-1, d_in).contiguous()
@@ -50,7 +50,7 @@ class SubspaceLinearFn(torch.autograd.Function):
         dx = dm = None
         if need_dx:
             Q = ctx.scale * (V.to(acc) @ M.to(acc).t())
-            dx, g = dispatch.implementation(ctx.backend).backward(dy2, weight, U, Q, True)
+            dx, g = backends.implementation(ctx.backend).backward(dy2, weight, U, Q, True)
             dx = dx.reshape(ctx.x_shape)
         elif need_dm:
             g = dy2.to(acc) @ U.to(acc)
@@ -121,8 +121,8 @@ def subspace_linear(
         bias = bias.to(dtype) if bias is not None else None
     _check(x, weight, bias, U, V, M)
     if not torch.compiler.is_compiling():
-        dispatch.preload(backend)
-    name = dispatch.select(backend, x, weight, M.shape[0])
+        backends.preload(backend)
+    name = backends.select(backend, x, weight, M.shape[0])
     with torch.autocast(device_type, enabled=False):
         y = SubspaceLinearFn.apply(x, weight, bias, U, V, M, float(scale), name)
     return y, name

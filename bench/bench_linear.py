@@ -11,7 +11,7 @@ from conftest import DEVICE, DTYPE, TOKENS
 from torch import nn
 
 import attrspace
-from attrspace import dispatch
+from attrspace import backends
 
 SHAPES = [
     (1024, 3072),
@@ -55,7 +55,7 @@ def speed_backends():
     """Backends worth timing here: the Triton interpreter on a CPU is a test tool, not a contender."""
     x = torch.zeros(1, 8, device=DEVICE, dtype=DTYPE)
     w = torch.zeros(8, 8, device=DEVICE, dtype=DTYPE)
-    names = [n for n in dispatch.names() if not dispatch._reasons(n, x, w, 8)]
+    names = [n for n in backends.names() if not backends.reasons(n, x, w, 8)]
     return [n for n in names if not (DEVICE == "cpu" and n == "triton")]
 
 

@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from attrspace import _cuda_backend, _cupy_jit, _native, dispatch, reference
+from attrspace import _native, backends, reference
+from attrspace.backends import cuda_backend as _cuda_backend
+from attrspace.backends import cupy_jit as _cupy_jit
 from attrspace.testing import assert_close, layer_inputs
 
 CUDA = torch.cuda.is_available()
@@ -80,7 +82,7 @@ def test_reports_why_it_is_unavailable():
     built_with_cuda = _native.cuda_unavailable_reason() is None
     if not built_with_cuda and _cupy_jit.unavailable_reason() is not None:
         assert reason is not None and "built without CUDA" in reason and "cupy" in reason
-        assert dispatch.backends()["cuda"] == reason
+        assert backends.status()["cuda"] == reason
     elif not CUDA:
         assert reason == "no CUDA device is visible to torch"
     else:
@@ -140,7 +142,7 @@ def test_unsupported_inputs_are_named():
     for fragment in ("on cpu", "dtype torch.float64", "differs", "K=129", "not contiguous"):
         assert fragment in reasons
     with pytest.raises(ValueError, match="backend 'cuda' cannot run"):
-        dispatch.select("cuda", x.float(), weight.contiguous(), 4)
+        backends.select("cuda", x.float(), weight.contiguous(), 4)
 
 
 def test_fake_ops_give_shapes_and_dtypes():

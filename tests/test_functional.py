@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import attrspace
-from attrspace import dispatch
+from attrspace import backends
 from attrspace.functional import subspace_linear
 from attrspace.profiling import saved_tensor_records
 from attrspace.reference import dense_subspace_linear
@@ -16,7 +16,7 @@ SHAPES = [(64, 48, 40, 8), (37, 100, 72, 24), (1, 16, 24, 5)]
 def cpu_backends():
     """Backends that can run on CPU tensors here (triton only under TRITON_INTERPRET=1)."""
     x = torch.zeros(1, 4)
-    return [n for n in dispatch.names() if not dispatch._reasons(n, x, torch.zeros(4, 4), 2)]
+    return [n for n in backends.names() if not backends.reasons(n, x, torch.zeros(4, 4), 2)]
 
 
 @pytest.mark.gradcheck
@@ -161,7 +161,7 @@ def test_explicit_unavailable_backend_is_an_error_not_a_fallback():
                     t["x"], t["weight"], t["bias"], t["U"], t["V"], t["M"], backend=name
                 )
     x_cpu = t["x"]
-    assert dispatch.select("auto", x_cpu, t["weight"], 4) == "torch"
+    assert backends.select("auto", x_cpu, t["weight"], 4) == "torch"
 
 
 def test_autocast_runs_in_the_autocast_dtype():

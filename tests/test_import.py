@@ -12,8 +12,8 @@ def test_import_loads_neither_the_kernels_nor_the_extension():
     # torch itself may import triton; what matters is that attrspace adds no kernel or native module.
     code = (
         "import sys, torch; before = set(sys.modules); import attrspace; "
-        "print(sorted(m for m in set(sys.modules) - before if 'kernels' in m or '_C' in m or 'backend' in m "
-        "or m.startswith('triton')))"
+        "print(sorted(m for m in set(sys.modules) - before if 'kernels' in m or '_C' in m "
+        "or m.endswith(('triton_backend', 'cuda_backend', 'cupy_jit')) or m.startswith('triton')))"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run(

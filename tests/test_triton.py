@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import attrspace
-from attrspace import dispatch, reference
+from attrspace import backends, reference
 from attrspace.functional import subspace_linear
 from attrspace.kernels.subspace_linear import subspace_linear_backward, subspace_linear_forward
 from attrspace.testing import assert_close, layer_inputs
@@ -169,7 +169,7 @@ def test_bad_inputs_raise_naming_the_argument():
 
 
 def test_backend_reports_what_it_cannot_run():
-    impl = dispatch.implementation("triton")
+    impl = backends.implementation("triton")
     assert impl.unavailable_reason() is None
     x, weight = torch.zeros(5, 40, device=DEVICE), torch.zeros(24, 40, device=DEVICE)
     assert impl.unsupported_reasons(x, weight, 8) == []
@@ -183,8 +183,8 @@ def test_backend_reports_what_it_cannot_run():
 @pytest.mark.skipif(CUDA, reason="checks the reason given on a machine without a GPU")
 def test_backend_without_gpu_or_interpreter_says_why():
     code = (
-        "import os; os.environ.pop('TRITON_INTERPRET', None); from attrspace import dispatch; "
-        "print(dispatch.unavailable_reason('triton'))"
+        "import os; os.environ.pop('TRITON_INTERPRET', None); from attrspace import backends; "
+        "print(backends.unavailable_reason('triton'))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
@@ -249,7 +249,7 @@ def test_compiled_layer_on_the_triton_backend_matches_eager():
 
 
 def test_triton_custom_ops_pass_opcheck():
-    from attrspace import _triton_backend
+    from attrspace.backends import triton_backend as _triton_backend
 
     t = layer_inputs(9, 20, 12, 4, seed=12)
     P = t["U"] @ t["M"]

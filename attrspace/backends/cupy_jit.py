@@ -32,7 +32,7 @@ _CONSTANT = re.compile(r"^constexpr int (k\w+) = (\d+);", re.MULTILINE)
 
 def source_dir() -> Path | None:
     """The folder holding the kernel headers, or None when they are not installed."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parent.parent  # attrspace/
     for candidate in (package / "_csrc", package.parent / "csrc"):
         if all((candidate / name).is_file() for name in HEADERS):
             return candidate

@@ -1,4 +1,4 @@
-"""The `triton` backend: the dispatch contract (attrspace.dispatch) over the kernels in attrspace.kernels.
+"""The `triton` backend: the backend contract (attrspace.backends) over the kernels in attrspace.kernels.
 
 attrspace.kernels is imported only inside the functions below, when the backend is first asked whether
 it is available: @triton.jit reads TRITON_INTERPRET when it decorates, so the interpreter (CPU tensors,
@@ -14,11 +14,11 @@ import os
 import torch
 from torch import Tensor
 
-from . import reference
+from .. import reference
 
 _KERNELS = "attrspace.kernels.subspace_linear"
 _MIN_CAPABILITY = (8, 0)  # bf16 and tf32 tensor-core MMAs
-# Filled by unavailable_reason(), which dispatch.preload calls before any torch.compile tracing, so that
+# Filled by unavailable_reason(), which attrspace.backends.preload calls before any torch.compile tracing, so that
 # unsupported_reasons() is plain lookups and metadata checks (an import cannot be traced).
 _loaded: dict = {}
 
@@ -43,7 +43,7 @@ def unavailable_reason() -> str | None:
                 "no CUDA device, and CPU tensors need TRITON_INTERPRET=1 set before "
                 "attrspace.kernels is imported"
             )
-    _kernels()  # an ImportError here is reported by dispatch.unavailable_reason
+    _kernels()  # an ImportError here is reported by attrspace.backends.unavailable_reason
     return None
 
 

@@ -1,7 +1,7 @@
-"""The `cuda` backend: the dispatch contract (attrspace.dispatch) over the CUDA kernels of csrc/.
+"""The `cuda` backend: the backend contract (attrspace.backends) over the CUDA kernels of csrc/.
 
 Two launchers run the same kernels: attrspace._C when it was built with nvcc, else cupy's NVRTC build
-of the same sources (attrspace._cupy_jit) when cupy is installed on a GPU machine. Both take device
+of the same sources (attrspace.backends.cupy_jit) when cupy is installed on a GPU machine. Both take device
 addresses: outputs and scratch are allocated here with torch, and every launch goes to torch's current
 stream of the input's device. Each pass is a torch.library custom op with a fake implementation, so
 torch.compile sees typed ops rather than an opaque extension call.
@@ -14,7 +14,8 @@ import functools
 import torch
 from torch import Tensor
 
-from . import _cupy_jit, _native, reference
+from .. import _native, reference
+from . import cupy_jit
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 MAX_RANK = 128
@@ -29,7 +30,7 @@ def launcher_name() -> str | None:
     JIT of the same sources) or None (neither can run here)."""
     if _native.cuda_unavailable_reason() is None:
         return "native"
-    if _cupy_jit.unavailable_reason() is None:
+    if cupy_jit.unavailable_reason() is None:
         return "cupy"
     return None
 
@@ -39,7 +40,7 @@ def unavailable_reason() -> str | None:
     if launcher_name() is None:
         return (
             f"{_native.cuda_unavailable_reason()}, and the cupy JIT of the same kernels is unavailable "
-            f"({_cupy_jit.unavailable_reason()})"
+            f"({cupy_jit.unavailable_reason()})"
         )
     if not torch.cuda.is_available():
         return "no CUDA device is visible to torch"
@@ -116,7 +117,7 @@ def _launch(
                 )
         else:
             name = f"attrspace_{kind}_{_KERNEL_SUFFIX[dtype]}"
-            _cupy_jit.launch(name, pointers, sizes, dtype, schedule, device)
+            cupy_jit.launch(name, pointers, sizes, dtype, schedule, device)
 
 
 def forward_into(

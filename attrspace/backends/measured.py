@@ -1,0 +1,257 @@
+"""Backend choice by measurement: "auto" times every backend that can run a layer, once per (device,
+dtype, d_in, d_out, K, token bucket), and keeps the fastest, in memory and in a small JSON file under
+the user's cache folder ($XDG_CACHE_HOME/attrspace or ~/.cache/attrspace), so a later process on the
+same machine does not time again.
+
+The timing runs the backends' forward and backward (need_dx) on fresh random inputs of the bucket's
+size (own generator: the caller's random stream is not touched), outside autograd; the real weight is
+read, never written, and no module is changed. Under torch.compile nothing is timed: a key measured
+earlier (an eager step, or the cache file) is a constant for the tracer, and an unmeasured key takes
+the first candidate (the static order of attrspace.backends) so that the graph stays one graph.
+
+The file is checked when read; a corrupt or foreign file is ignored with a warning and rewritten.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .._io import atomic_write_bytes
+
+CACHE_VERSION = 1
+CACHE_FILE = "backend_choice.json"
+TIMED_RUNS = 5
+
+
+@dataclass(frozen=True)
+class Choice:
+    backend: str
+    times_ms: dict[str, float]  # forward + backward, median, per backend timed
+
+
+# (device label, dtype name, d_in, d_out, K, token bucket) -> Choice
+Key = tuple[str, str, int, int, int, int]
+_MEMORY: dict[Key, Choice] = {}
+_DEVICE_LABELS: dict[tuple[str, int | None], str] = {}
+_disk = {"read": False}
+
+
+def cache_path() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "attrspace" / CACHE_FILE
+
+
+def token_bucket(tokens: int) -> int:
+    """The power of two at or above `tokens`: layers within a factor of two share a measurement."""
+    return 1 << max(0, int(tokens) - 1).bit_length()
+
+
+def _device_label(device: torch.device) -> str:
+    # The GPU's name, so a cache file shared by two machines (a home folder on NFS) keeps them apart.
+    slot = (device.type, device.index)
+    label = _DEVICE_LABELS.get(slot)
+    if label is None:
+        label = str(device)
+        if device.type == "cuda":
+            label = f"cuda {torch.cuda.get_device_name(device)}"
+        _DEVICE_LABELS[slot] = label
+    return label
+
+
+def key_of(x: Tensor, weight: Tensor, rank: int) -> Key:
+    d_out, d_in = weight.shape
+    tokens = math.prod(x.shape[:-1])
+    dtype = str(x.dtype).removeprefix("torch.")
+    return (_device_label(x.device), dtype, int(d_in), int(d_out), int(rank), token_bucket(tokens))
+
+
+def default_timer(step: Callable[[], None], device: torch.device) -> float:
+    """Median seconds of `step()` over TIMED_RUNS runs after one warm-up run (which also lets Triton
+    autotune), synchronising the device around each run."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    step()
+    times = []
+    for _ in range(TIMED_RUNS):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def _pass(name: str, x: Tensor, weight: Tensor, rank: int) -> Callable[[], None]:
+    from . import implementation  # the package imports this module first
+
+    impl = implementation(name)
+    tokens = token_bucket(math.prod(x.shape[:-1]))
+    d_out, d_in = weight.shape
+    gen = torch.Generator(device=x.device).manual_seed(0)
+
+    def rand(*shape, dtype=x.dtype):
+        return torch.randn(*shape, generator=gen, device=x.device, dtype=dtype)
+
+    xt, dy = rand(tokens, d_in), rand(tokens, d_out)
+    U, V = rand(d_out, rank) * d_out**-0.5, rand(d_in, rank) * d_in**-0.5
+    P, Q = rand(d_out, rank, dtype=torch.float32), rand(d_in, rank, dtype=torch.float32)
+
+    def step():
+        with torch.no_grad():
+            impl.forward(xt, weight, None, V, P)
+            impl.backward(dy, weight, U, Q, True)
+
+    return step
+
+
+def measure(
+    names: list[str], x: Tensor, weight: Tensor, rank: int, timer: Callable | None = None
+) -> Choice:
+    """Time every backend in `names` on inputs shaped like these; the fastest wins. A backend that
+    fails while timed is left out with a warning naming it (at least one must run)."""
+    timer = timer or default_timer
+    times, failures = {}, []
+    for name in names:
+        try:
+            times[name] = 1e3 * float(timer(_pass(name, x, weight, rank), x.device))
+        except Exception as exc:  # a kernel that cannot launch here must not take "auto" down
+            failures.append(f"{name}: {type(exc).__name__}: {exc}")
+    key = key_of(x, weight, rank)
+    if failures:
+        warnings.warn(
+            f"backend choice for {describe_key(key)}: left out after failing while timed: "
+            + "; ".join(failures),
+            stacklevel=3,
+        )
+    if not times:
+        raise RuntimeError(f"no backend ran {describe_key(key)}: " + "; ".join(failures))
+    return Choice(min(times, key=times.__getitem__), times)
+
+
+def choose(
+    candidates: list[str], x: Tensor, weight: Tensor, rank: int, timer: Callable | None = None
+) -> str:
+    """The backend "auto" runs: the only candidate, or the measured fastest (timed at first use)."""
+    if len(candidates) == 1:
+        return candidates[0]
+    key = key_of(x, weight, rank)
+    hit = _MEMORY.get(key)
+    if hit is not None and hit.backend in candidates:
+        return hit.backend
+    if torch.compiler.is_compiling():
+        return candidates[0]
+    if not _disk["read"]:
+        _MEMORY.update({k: v for k, v in read_cache().items() if k not in _MEMORY})
+        _disk["read"] = True
+        hit = _MEMORY.get(key)
+        if hit is not None and hit.backend in candidates:
+            return hit.backend
+    choice = _MEMORY[key] = measure(candidates, x, weight, rank, timer)
+    write_cache()
+    return choice.backend
+
+
+def choices() -> dict[Key, Choice]:
+    """What this process measured or read from the cache file so far."""
+    return dict(_MEMORY)
+
+
+def forget() -> None:
+    """Drop the in-memory choices (the file stays); the next use reads the file again."""
+    _MEMORY.clear()
+    _disk["read"] = False
+
+
+def describe_key(key: Key) -> str:
+    device, dtype, d_in, d_out, rank, bucket = key
+    return f"{device} {dtype} {d_in}->{d_out} K={rank} T<={bucket}"
+
+
+def describe(key: Key, choice: Choice) -> str:
+    times = ", ".join(f"{n} {t:.3f}" for n, t in sorted(choice.times_ms.items()))
+    return f"{describe_key(key)}: {choice.backend} ({times})"
+
+
+_FIELDS = ("device", "dtype", "d_in", "d_out", "rank", "bucket")
+
+
+def _parse(text: str) -> dict[Key, Choice]:
+    """The entries of a cache file; ValueError saying what is wrong with it."""
+    from . import names
+
+    data = json.loads(text)
+    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
+        raise ValueError(f"not a version-{CACHE_VERSION} attrspace backend-choice file")
+    entries = data.get("entries")
+    if not isinstance(entries, list):
+        raise ValueError("'entries' is not a list")
+    out = {}
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ValueError(f"entry {i} is not an object")
+        missing = [f for f in (*_FIELDS, "backend", "times_ms") if f not in entry]
+        if missing:
+            raise ValueError(f"entry {i} lacks {missing}")
+        key = tuple(entry[f] for f in _FIELDS)
+        if not all(isinstance(v, str) for v in key[:2]) or not all(
+            type(v) is int and v > 0 for v in key[2:]
+        ):
+            raise ValueError(f"entry {i} has a malformed key {key}")
+        times = entry["times_ms"]
+        if not isinstance(times, dict) or not all(
+            n in names() and isinstance(t, int | float) and math.isfinite(t) and t >= 0
+            for n, t in times.items()
+        ):
+            raise ValueError(f"entry {i} has malformed times {times!r}")
+        if entry["backend"] not in times:
+            raise ValueError(f"entry {i} chose {entry['backend']!r}, which it did not time")
+        out[key] = Choice(entry["backend"], {n: float(t) for n, t in times.items()})
+    return out
+
+
+def read_cache() -> dict[Key, Choice]:
+    """The valid entries of the cache file; a missing file is empty, a corrupt one warns."""
+    path = cache_path()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        warnings.warn(
+            f"cannot read backend-choice cache {path} ({exc}); timing again", stacklevel=3
+        )
+        return {}
+    try:
+        return _parse(text)
+    except (ValueError, TypeError) as exc:
+        warnings.warn(
+            f"ignoring corrupt backend-choice cache {path} ({exc}); it will be rewritten",
+            stacklevel=3,
+        )
+        return {}
+
+
+def write_cache() -> None:
+    """Write the in-memory choices (merged over the file's valid entries) atomically. A cache folder
+    that cannot be written costs only the re-timing in the next process, so it warns, not raises."""
+    merged = {**read_cache(), **_MEMORY}
+    entries = [
+        {**dict(zip(_FIELDS, key, strict=True)), "backend": c.backend, "times_ms": c.times_ms}
+        for key, c in sorted(merged.items())
+    ]
+    data = json.dumps({"version": CACHE_VERSION, "entries": entries}, indent=1).encode()
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, data)
+    except OSError as exc:
+        warnings.warn(f"cannot write backend-choice cache {path} ({exc})", stacklevel=3)

@@ -1,0 +1,64 @@
+"""The `torch` backend: plain torch GEMMs on any device, the fallback that is never slow.
+
+fp32 / fp64 fold the adapter into an effective weight on the fly (W + P V^T forward, W + U Q^T
+backward): d_out * d_in * K flops per pass whatever T is, and the fold is a temporary, never written
+to the layer. bf16 / fp16 cannot fold (an update rounded into a bf16 weight is mostly lost, see
+tests/test_functional.py) and must not upcast (fp32 GEMMs run 10-20x slower than bf16 ones on a GPU),
+so they run one GEMM over the concatenated inner dimension,
+    y  = [x | z] [W | P]^T + b        (inner dimension d_in + K)
+    dx = [dy | g] [W ; Q^T]           (inner dimension d_out + K)
+where cuBLAS (and the CPU's GEMM) accumulate the base and the adapter term together in fp32 and round
+once. The extra cost is the frozen GEMM on K more columns plus a copy of x (dy) into the wider buffer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..reference import accum_dtype
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def unavailable_reason() -> str | None:
+    """The torch backend runs everywhere."""
+    return None
+
+
+def unsupported_reasons(x: Tensor, weight: Tensor, rank: int) -> list[str]:
+    """The torch backend runs any floating dtype, device and size."""
+    return []
+
+
+def forward(
+    x: Tensor, weight: Tensor, bias: Tensor | None, V: Tensor, P: Tensor
+) -> tuple[Tensor, Tensor]:
+    """y = x W^T + b + z P^T and z = x V, each rounded once to x.dtype (see reference.forward)."""
+    z = x @ V
+    if x.dtype in _LOW_PRECISION:
+        xz = torch.cat((x, z), dim=1)
+        wp = torch.cat((weight, P.to(x.dtype)), dim=1)
+        y = torch.addmm(bias, xz, wp.t()) if bias is not None else xz @ wp.t()
+        return y, z
+    w_eff = torch.addmm(weight, P.to(x.dtype), V.t())
+    y = torch.addmm(bias, x, w_eff.t()) if bias is not None else x @ w_eff.t()
+    return y, z
+
+
+def backward(
+    dy: Tensor, weight: Tensor, U: Tensor, Q: Tensor, need_dx: bool
+) -> tuple[Tensor | None, Tensor]:
+    """dx = dy W + g Q^T (None unless need_dx) in dy.dtype and g = dy U in fp32 (fp64 for fp64).
+
+    In bf16 / fp16 g is rounded to dy.dtype by its GEMM (it enters the concatenated GEMM in that
+    dtype) and returned widened; dM = s g^T z carries that rounding, as it carries z's.
+    """
+    g = dy @ U
+    dx = None
+    if need_dx and dy.dtype in _LOW_PRECISION:
+        wq = torch.cat((weight, Q.to(dy.dtype).t()), dim=0)
+        dx = torch.cat((dy, g), dim=1) @ wq
+    elif need_dx:
+        dx = dy @ torch.addmm(weight, U, Q.to(dy.dtype).t())
+    return dx, g.to(accum_dtype(dy.dtype))
