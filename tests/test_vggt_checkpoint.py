@@ -3,6 +3,8 @@ checkpoint loading from tiny synthetic files written in the official layout."""
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -180,3 +182,124 @@ def test_normalize_key():
     assert normalize_key("module.module.camera_head.x") == "camera_head.x"
     assert normalize_key("base_model.model.a.qkv.base_layer.weight") == "a.qkv.weight"
     assert normalize_key("aggregator.camera_token") == "aggregator.camera_token"
+
+
+def _snapshot(folder: Path, source: VGGT, shards: int = 1, config: dict | None = None) -> Path:
+    """A Hugging Face snapshot folder as PyTorchModelHubMixin writes it (config.json holds the
+    official constructor's arguments), optionally sharded with an index."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = source.config
+    if config is None:
+        config = {
+            "img_size": cfg.img_size,
+            "patch_size": cfg.patch_size,
+            "embed_dim": cfg.embed_dim,
+        }
+    (folder / "config.json").write_text(json.dumps(config))
+    state = {k: v.contiguous() for k, v in _state(source).items()}
+    if shards == 1:
+        save_file(state, folder / "model.safetensors")
+        return folder
+    keys = sorted(state)
+    weight_map = {}
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = keys[i::shards]
+        save_file({k: state[k] for k in part}, folder / name)
+        weight_map |= dict.fromkeys(part, name)
+    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return folder
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_snapshot_folder_loads(tmp_path, source, shards):
+    folder = _snapshot(tmp_path / "snap", source, shards)
+    with torch.device("meta"):
+        target = VGGT(VGGTConfig.tiny()).eval()
+    report = load_checkpoint(target, folder)
+    assert report.ok and report.skipped == {"track_head": 2}
+    assert len(report.files) == shards and report.path == str(folder)
+    assert len(report.loaded) == len(source.state_dict())
+    _assert_same_outputs(source, target)
+
+
+def test_snapshot_folders_that_do_not_fit_are_refused_before_anything_changes(tmp_path, source):
+    target = _fresh()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    wrong = _snapshot(tmp_path / "wrong", source, config={"embed_dim": 128, "patch_size": 14})
+    with pytest.raises(
+        ValueError, match=r"config.json: embed_dim is 128, the model was built with 64"
+    ):
+        load_checkpoint(target, wrong)
+    (wrong / "config.json").write_text('["not", "an", "object"]')
+    with pytest.raises(ValueError, match=r"config\.json: expected a JSON object"):
+        load_checkpoint(target, wrong)
+    (wrong / "config.json").write_text('{"img_size": "518"}')
+    with pytest.raises(ValueError, match="img_size must be a positive integer"):
+        load_checkpoint(target, wrong)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"must hold model\.safetensors"):
+        load_checkpoint(target, empty)
+
+    sharded = _snapshot(tmp_path / "sharded", source, shards=2)
+    index_path = sharded / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    some_key = next(iter(index["weight_map"]))
+    for weight_map, error, message in (
+        ({**index["weight_map"], some_key: "../model.safetensors"}, ValueError, "not a file name"),
+        ({**index["weight_map"], some_key: "absent.safetensors"}, FileNotFoundError, "absent"),
+        ({k: v for k, v in index["weight_map"].items() if k != some_key}, ValueError, "index"),
+        ({}, ValueError, "weight_map"),
+    ):
+        index_path.write_text(json.dumps({"weight_map": weight_map}))
+        with pytest.raises(error, match=message):
+            load_checkpoint(target, sharded)
+    index_path.write_text("{truncated")
+    with pytest.raises(ValueError, match="not a readable JSON file"):
+        load_checkpoint(target, sharded)
+    for k, v in target.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_hub_id_downloads_a_snapshot(tmp_path, source, monkeypatch):
+    import huggingface_hub  # in the [test] extra (and needed by peft)
+
+    folder = _snapshot(tmp_path / "cache" / "snap", source)
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.chdir(tmp_path)  # "facebook/VGGT-1B" must not exist as a local path
+    target = _fresh()
+    report = load_checkpoint(target, "facebook/VGGT-1B", revision="main")
+    assert report.ok and report.path == f"facebook/VGGT-1B (snapshot {folder})"
+    ((repo_id, kwargs),) = calls
+    assert repo_id == "facebook/VGGT-1B" and kwargs["revision"] == "main"
+    assert "model.safetensors" in kwargs["allow_patterns"]
+    assert "model.pt" not in kwargs["allow_patterns"]  # the duplicate 5 GB file stays remote
+    _assert_same_outputs(source, target)
+
+    def offline(repo_id, **kwargs):
+        raise ConnectionError("network is unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(OSError, match=r"facebook/VGGT-1B.*ConnectionError: network is unreachable"):
+        load_checkpoint(_fresh(), "facebook/VGGT-1B")
+    # A missing local weight file is never taken for a hub id.
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_checkpoint(_fresh(), "runs/model.safetensors")
+    with pytest.raises(ValueError, match="revision='main' applies to hub ids only"):
+        load_checkpoint(_fresh(), folder, revision="main")
+
+
+def test_hub_id_without_huggingface_hub_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import raises ImportError
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ImportError, match=r"pip install 'attrspace\[hub\]'"):
+        load_checkpoint(_fresh(), "facebook/VGGT-1B")

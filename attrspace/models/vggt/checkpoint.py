@@ -1,9 +1,13 @@
-"""Loading official VGGT checkpoints (`model.pt`, `model.safetensors`, trainer checkpoints) into
-`VGGT`, one tensor at a time and memory-mapped, so a 5 GB file never needs two copies in memory.
+"""Loading official VGGT checkpoints into `VGGT`, one tensor at a time and memory-mapped, so a 5 GB
+file never needs two copies in memory. Sources: a file (`model.pt`, `model.safetensors`, trainer
+checkpoints), a Hugging Face snapshot folder (`config.json` + `model.safetensors` or sharded
+safetensors with `model.safetensors.index.json`, what the official `VGGT.from_pretrained` reads), or a
+hub id such as "facebook/VGGT-1B" (downloaded with huggingface_hub, the optional `[hub]` extra).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -17,13 +21,27 @@ from torch import Tensor, nn
 _OPTIONAL_HEADS = ("track_head", "point_head", "depth_head", "camera_head")
 # PEFT-style names of adapter factors: never base weights.
 _ADAPTER_KEY = re.compile(r"\.(lora_[A-Za-z_]+|lora_magnitude_vector)\.")
+# "owner/name" as the Hugging Face Hub spells repository ids (a path with one relative step).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# What a snapshot download fetches: the config and the safetensors weights, not model.pt (the
+# official repository ships both; the .pt file would double the download).
+_HUB_PATTERNS = [
+    "config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "*.safetensors",
+]
+_SINGLE, _INDEX, _TORCH = "model.safetensors", "model.safetensors.index.json", "model.pt"
+# Fields of the official constructor (config.json) that fix tensor shapes.
+_SIZE_FIELDS = ("img_size", "patch_size", "embed_dim")
 
 
 @dataclass
 class LoadReport:
     """What `load_checkpoint` did. Keys are model state-dict names."""
 
-    path: str
+    path: str  # what was loaded: a file, a folder, or "hub id (snapshot folder)"
+    files: list[str] = field(default_factory=list)  # the weight files read
     loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # in the model, not in the file
     unexpected: list[str] = field(default_factory=list)  # in the file, fit nothing in the model
@@ -131,19 +149,143 @@ class _Source:
         return self._dict[key]
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a readable JSON file ({err})") from err
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+class _ShardedSource:
+    """The shards named by a `model.safetensors.index.json`, as one source. The index must name
+    exactly the tensors each shard holds, and shards must lie in the index's folder."""
+
+    def __init__(self, index_path: Path) -> None:
+        self.path = str(index_path)
+        weight_map = _read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index_path}: 'weight_map' must be a non-empty object")
+        by_shard: dict[str, set[str]] = {}
+        for key, shard in weight_map.items():
+            if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+                raise ValueError(f"{index_path}: tensor {key!r} maps to {shard!r}, not a file name")
+            by_shard.setdefault(shard, set()).add(key)
+        self.files: list[str] = []
+        self.shapes: dict[str, tuple] = {}
+        self._owner: dict[str, _Source] = {}
+        for shard, keys in sorted(by_shard.items()):
+            shard_path = index_path.parent / shard
+            if not shard_path.is_file():
+                raise FileNotFoundError(
+                    f"{index_path}: shard {shard} not found in {shard_path.parent}"
+                )
+            if not shard.endswith(".safetensors"):
+                raise ValueError(f"{index_path}: shard {shard} is not a .safetensors file")
+            source = _Source(str(shard_path))
+            extra, absent = sorted(set(source.shapes) - keys), sorted(keys - set(source.shapes))
+            if extra or absent:
+                what = (
+                    f"holds {extra[0]!r}, which the index puts elsewhere"
+                    if extra
+                    else (f"lacks {absent[0]!r}, which the index puts there")
+                )
+                raise ValueError(f"{shard_path}: {what} ({len(extra) + len(absent)} keys differ)")
+            self.files.append(str(shard_path))
+            self.shapes.update(source.shapes)
+            self._owner.update(dict.fromkeys(source.shapes, source))
+
+    def get(self, key: str) -> Tensor:
+        return self._owner[key].get(key)
+
+
+def _check_config(model: nn.Module, config_path: Path) -> None:
+    """config.json holds the official constructor's arguments; those that fix shapes must agree
+    with the model's (when it carries a `config`), so a wrong snapshot fails with a clear line."""
+    config = _read_json(config_path)
+    ours = getattr(model, "config", None)
+    for name in _SIZE_FIELDS:
+        if name not in config:
+            continue
+        value = config[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{config_path}: {name} must be a positive integer, got {value!r}")
+        expected = getattr(ours, name, None)
+        if expected is not None and expected != value:
+            raise ValueError(
+                f"{config_path}: {name} is {value}, the model was built with {expected}"
+            )
+
+
+def _open_folder(model: nn.Module, folder: Path):
+    """The weights of a snapshot folder, checked against its config.json when there is one."""
+    if (folder / "config.json").is_file():
+        _check_config(model, folder / "config.json")
+    if (folder / _SINGLE).is_file():  # what PyTorchModelHubMixin writes and reads
+        source = _Source(str(folder / _SINGLE))
+        return source, [source.path]
+    if (folder / _INDEX).is_file():
+        source = _ShardedSource(folder / _INDEX)
+        return source, source.files
+    if (folder / _TORCH).is_file():
+        source = _Source(str(folder / _TORCH))
+        return source, [source.path]
+    raise FileNotFoundError(
+        f"{folder}: a checkpoint folder must hold {_SINGLE}, {_INDEX} (sharded) or {_TORCH}"
+    )
+
+
+def _looks_like_hub_id(source) -> bool:
+    """A str "owner/name" that names no weight file (a Path is always a path)."""
+    return (
+        isinstance(source, str)
+        and bool(_HUB_ID.match(source))
+        and not source.endswith((".pt", ".pth", ".bin", ".safetensors", ".json"))
+    )
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as err:
+        raise ImportError(
+            f"{repo_id!r} is no local file or folder; loading it as a Hugging Face hub id needs "
+            "huggingface_hub: pip install 'attrspace[hub]'"
+        ) from err
+    try:
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_PATTERNS)
+    except Exception as err:  # offline, unknown repository, gated, HTTP errors: all one message
+        raise OSError(
+            f"{repo_id!r} is no local file or folder, and fetching it from the Hugging Face Hub "
+            f"failed ({type(err).__name__}: {err}); without network access, download the snapshot "
+            "elsewhere and pass its folder"
+        ) from err
+    return Path(folder)
+
+
 def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str]:
     module_name, _, attr = key.rpartition(".")
     return (model.get_submodule(module_name) if module_name else model), attr
 
 
 def load_checkpoint(
-    model: nn.Module, path: str | os.PathLike, *, strict: bool = True
+    model: nn.Module,
+    source: str | os.PathLike,
+    *,
+    strict: bool = True,
+    revision: str | None = None,
 ) -> LoadReport:
     """Load an official-layout checkpoint into `model` (a `VGGT`, before adapters are injected).
 
-    Accepts a plain state dict, `{"model": state_dict}` (trainer checkpoints), or safetensors;
-    strips DDP's `module.` and maps peft names (`base_model.model.`, `.base_layer.`) back. Keys of
-    heads the model does not have (the track head always; point / depth / camera heads when
+    source: a file (a plain state dict, `{"model": state_dict}` of trainer checkpoints, or
+    safetensors); a snapshot folder (`model.safetensors`, else sharded safetensors named by
+    `model.safetensors.index.json`, else `model.pt`; its `config.json`, when present, must agree
+    with the model's img_size, patch_size and embed_dim); or, a str "owner/name" naming no local
+    path, a hub id fetched with huggingface_hub's snapshot_download (the `[hub]` extra; `revision`,
+    for hub ids only, passes through). Strips DDP's `module.` and maps peft names
+    (`base_model.model.`, `.base_layer.`) back. Keys of heads the model does not have (the track head always; point / depth / camera heads when
     disabled) are skipped with a report line. Parameters on the meta device are replaced by the
     loaded tensors (no copy beyond the memory map), others are copied into in place.
 
@@ -151,15 +293,27 @@ def load_checkpoint(
     touched; otherwise the report lists it (and, in a meta-built model, whatever is missing stays on
     the meta device). Returns a LoadReport (print it for a summary).
     """
-    path = os.fspath(path)
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    source = _Source(path)
+    given = os.fspath(source)
+    where = Path(given)
+    label = given
+    if not where.exists() and _looks_like_hub_id(source):
+        where = _download(given, revision)
+        label = f"{given} (snapshot {where})"
+    elif revision is not None:
+        raise ValueError(f"revision={revision!r} applies to hub ids only, not to {given}")
+    if where.is_dir():
+        weights, files = _open_folder(model, where)
+    elif where.is_file():
+        weights = _Source(str(where))
+        files = [weights.path]
+    else:
+        raise FileNotFoundError(f"checkpoint not found: {given}")
+    path = weights.path  # names the file (or index) in the errors below
     targets = model.state_dict(keep_vars=True)
-    report = LoadReport(path=path)
+    report = LoadReport(path=label, files=files)
     plan: list[tuple[str, str]] = []  # (file key, model key)
     planned: set[str] = set()
-    for raw_key, shape in source.shapes.items():
+    for raw_key, shape in weights.shapes.items():
         if _ADAPTER_KEY.search(raw_key):
             report.adapter_keys.append(raw_key)
             continue
@@ -185,7 +339,7 @@ def load_checkpoint(
     if strict and not report.ok:
         raise ValueError(f"checkpoint does not fit the model:\n{report}")
     for raw_key, key in plan:
-        _assign(model, key, targets[key], source.get(raw_key))
+        _assign(model, key, targets[key], weights.get(raw_key))
         report.loaded.append(key)
     # Buffers outside the state dict (image normalisation) must be real after a meta build.
     aggregator = getattr(model, "aggregator", None)
