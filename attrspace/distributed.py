@@ -6,7 +6,7 @@ FSDP2 shards every parameter into a DTensor, so code that reads whole tensors (e
 gather them first; the helpers below do that, collectively: EVERY rank calls them, in the same
 order, and rank 0 receives the result. FSDP1 is refused (see `check_wrapping`).
 
-    shard_blocks(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+    fully_shard_model(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16,
                                                        reduce_dtype=torch.float32))
     ... train ...
     state = merged_state_dict(model)         # all ranks; rank 0 gets the plain, folded state dict
@@ -36,7 +36,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
-        elif isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's wrapper
             model = model._orig_mod
         else:
             return model
@@ -77,43 +77,61 @@ def check_wrapping(model: nn.Module) -> None:
             raise TypeError(
                 f"attrspace adapters do not run under FSDP1 (FullyShardedDataParallel wraps "
                 f"{where}); shard with FSDP2 instead: torch.distributed.fsdp.fully_shard, "
-                f"e.g. attrspace.distributed.shard_blocks(model)"
+                f"e.g. attrspace.distributed.fully_shard_model(model)"
             )
 
 
-def shard_blocks(
-    model: nn.Module,
-    *,
-    block_types: tuple[type[nn.Module], ...] | None = None,
-    mesh=None,
-    mp_policy=None,
-    reshard_after_forward: bool = True,
+def fsdp_units(
+    model: nn.Module, block_types: tuple[type[nn.Module], ...] | None = None
 ) -> list[str]:
-    """Apply FSDP2 `fully_shard` to every transformer block of `model`, then to `model` itself.
+    """The submodules that get their own FSDP2 unit: every block, and every `*_head` child.
 
     block_types defaults to the package's VGGT `Block` (DINO, frame, global and camera-trunk
-    blocks); everything outside a block (embeddings, heads, their LoRAs) belongs to the root unit.
-    One unit per block is what lets FSDP2 gather one block's weights at a time and overlap the
-    next gather with compute. Returns the names of the blocks sharded. Call it after injection and
-    before building the optimizer (fully_shard replaces parameters by DTensors).
+    blocks: 76 in VGGT-1B); the heads (camera, depth, point) are units of their own so the root
+    unit keeps only embeddings and tokens. Names come parents first, as named_modules gives them.
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     if block_types is None:
         from .models.vggt.layers import Block
 
         block_types = (Block,)
+    heads = {n for n, _ in model.named_children() if n.endswith("_head")}
+    return [n for n, m in model.named_modules() if n and (isinstance(m, block_types) or n in heads)]
+
+
+def fully_shard_model(
+    model: nn.Module,
+    *,
+    units: list[str] | None = None,
+    mesh=None,
+    mp_policy=None,
+    reshard_after_forward: bool = True,
+) -> list[str]:
+    """Apply FSDP2 `fully_shard` to each unit of `model` (default `fsdp_units(model)`), then to
+    `model` itself, and return the unit names.
+
+    One unit per block is what lets FSDP2 gather one block's weights at a time and overlap the
+    next gather with compute. Units are sharded innermost first (fully_shard must see a child
+    before its parent). Call it after injection and before building the optimizer: fully_shard
+    replaces every parameter by a DTensor shard. mp_policy: e.g.
+    MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32).
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
     check_wrapping(model)
+    names = fsdp_units(model) if units is None else list(units)
+    if not names:
+        raise ValueError("the model has no FSDP unit (no block, no *_head child); pass units")
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise ValueError(f"units name no module of the model: {missing}")
     options = {
         "mesh": mesh,
         "mp_policy": MixedPrecisionPolicy() if mp_policy is None else mp_policy,
         "reshard_after_forward": reshard_after_forward,
     }
-    names = [n for n, m in model.named_modules() if n and isinstance(m, block_types)]
-    if not names:
-        raise ValueError(f"the model holds no module of type {[t.__name__ for t in block_types]}")
-    for name in names:
-        fully_shard(model.get_submodule(name), **options)
+    for name in sorted(names, key=lambda n: n.count("."), reverse=True):
+        fully_shard(modules[name], **options)
     fully_shard(model, **options)
     return names
 

@@ -30,15 +30,20 @@ BLOCK_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
 
 class TinyNet(nn.Module):
-    """Two pre-norm transformer blocks and a linear head: (B, T, DIM) -> (B, T, 8)."""
+    """A 1x1 conv stem over the tokens laid out as a 2 x 3 grid, two pre-norm transformer blocks
+    and a linear head: (B, T, DIM) -> (B, T, 8)."""
 
     def __init__(self, checkpointing: bool = False) -> None:
         super().__init__()
+        self.stem = nn.Conv2d(DIM, DIM, kernel_size=1)
         self.blocks = nn.ModuleList(Block(DIM, 4, mlp_ratio=2, init_values=1.0) for _ in range(2))
         self.head = nn.Linear(DIM, 8)
         self.checkpointing = checkpointing
 
     def forward(self, x):
+        b, t, c = x.shape
+        grid = x.transpose(1, 2).reshape(b, c, 2, t // 2)
+        x = x + self.stem(grid).reshape(b, c, t).transpose(1, 2)
         for block in self.blocks:
             x = checkpoint(block, x, use_reentrant=False) if self.checkpointing else block(x)
         return self.head(x)
@@ -50,7 +55,7 @@ def build(checkpointing: bool = False) -> TinyNet:
     model = TinyNet(checkpointing)
     bank = random_bank(linear_shapes(model, BLOCK_LINEARS), 4, scale=2.0, seed=1)
     attrspace.inject(model, bank, backend="torch")
-    attrspace.inject_lora(model, targets=("head",), rank=2, alpha=4)
+    attrspace.inject_lora(model, targets=("stem", "head"), rank=2, alpha=4)
     # Nonzero M from the start, so the first step's LoRA-B and U/V-side gradients are not all zero.
     with torch.no_grad():
         for m in model.modules():
@@ -150,7 +155,7 @@ def run_ddp(rank: int, world: int) -> dict:
 
 def _fsdp2(mp_policy=None, checkpointing: bool = False) -> nn.Module:
     model = build(checkpointing)
-    adist.shard_blocks(model, mp_policy=mp_policy)
+    adist.fully_shard_model(model, mp_policy=mp_policy)
     return model
 
 
