@@ -6,6 +6,7 @@ on first use by the backend that needs them.
 
 from . import backends
 from .bank import BankFileError, LayerSubspace, SubspaceBank
+from .export import export_merged, export_peft
 from .functional import SubspaceLinearFn, subspace_linear
 from .inject import InjectionReport, inject, inject_lora, uninject
 from .nn import LoRAConv2d, LoRALinear, SubspaceLinear
@@ -25,6 +26,8 @@ __all__ = [
     "SubspaceLinear",
     "SubspaceLinearFn",
     "backends",
+    "export_merged",
+    "export_peft",
     "inject",
     "inject_lora",
     "load_peft",
