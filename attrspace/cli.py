@@ -9,6 +9,11 @@ Pipeline commands (each runs the stages before it, taking finished ones from the
     run         everything, then report.md (the main job)
     report      rewrite report.md from a run folder
 Tools: bench (one layer shape: frozen vs SubspaceLinear vs LoRA), demo, backends.
+
+Errors: a bad argument, a bad input file or an OS error ends the command with one line
+`attrspace <cmd>: error: <what, which path>` on stderr and exit status 2. Arguments are checked
+(against each other and the file system) before any work starts. Anything else is a bug and keeps
+its traceback.
 """
 
 from __future__ import annotations
@@ -17,6 +22,25 @@ import argparse
 import sys
 from dataclasses import replace
 from pathlib import Path
+
+from .data.cli import (
+    UsageError,
+    check_output_folder,
+    folder_path,
+    int_at_least,
+    seed_type,
+)
+
+# Exit status of an interrupted command (128 + SIGINT, as shells report it).
+INTERRUPTED = 130
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's error format without the usage block: `prog: error: message`, exit status 2
+    (`prog` of a subcommand is "attrspace <cmd>"; --help still prints the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -34,6 +58,7 @@ def _demo(args: argparse.Namespace) -> int:
         depth=args.depth,
         tokens=args.tokens,
         rank=args.rank,
+        lora_rank=args.rank,
         steps=args.steps,
         seed=args.seed,
     )
@@ -55,15 +80,45 @@ def _backends(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_demo(args: argparse.Namespace) -> None:
+    from .demo import check_demo_args
+
+    check_demo_args(args.dim, args.depth, args.tokens, args.rank, args.rank, args.steps, args.seed)
+
+
 def _rank(text: str) -> int | str:
     if text in ("cliff", "energy"):
         return text
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
+        value = 0
+    if value < 1:
         raise argparse.ArgumentTypeError(
-            f"rank must be an int, 'cliff' or 'energy', got {text!r}"
-        ) from None
+            f"rank must be an int >= 1, 'cliff' or 'energy', got {text!r}"
+        )
+    return value
+
+
+def _check_device(device: str, flag: str = "--device") -> None:
+    """A device name torch knows; cuda only where CUDA is present."""
+    import torch
+
+    if device == "auto":
+        return
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"{flag}: unknown device {device!r}") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"{flag} {device}: this machine has no CUDA device")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise UsageError(
+                f"{flag} {device}: only {torch.cuda.device_count()} CUDA device(s) here"
+            )
+    elif parsed.type != "cpu":
+        raise UsageError(f"{flag} {device}: only cpu and cuda devices are supported")
 
 
 def _preset_from_args(args: argparse.Namespace):
@@ -91,11 +146,25 @@ def _preset_from_args(args: argparse.Namespace):
     return preset.replace(**changes) if changes else preset
 
 
+def _check_pipeline(args: argparse.Namespace) -> None:
+    """Every argument of a pipeline command, before any stage runs."""
+    check_output_folder(args.out)
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        raise UsageError(f"--checkpoint {args.checkpoint}: no such file")
+    loras = getattr(args, "loras", None)
+    if loras is not None and not loras.is_dir():
+        raise UsageError(f"--loras {loras}: no such folder")
+    args.preset_obj = _preset_from_args(args)  # ValueError names the setting that cannot work
+    _check_device(args.preset_obj.device, "--device" if args.device else "the preset's device")
+    if args.preset_obj.needs_checkpoint and args.checkpoint is None:
+        raise UsageError(f"preset {args.preset} needs --checkpoint (a local VGGT weights file)")
+
+
 def _pipeline(until: str):
     def command(args: argparse.Namespace) -> int:
         from .pipeline import run_pipeline
 
-        preset = _preset_from_args(args)
+        preset = args.preset_obj
         run_pipeline(
             preset,
             args.out,
@@ -110,11 +179,32 @@ def _pipeline(until: str):
     return command
 
 
+def _check_report(args: argparse.Namespace) -> None:
+    if not str(args.out).strip():
+        raise UsageError("--out must name a run folder (got an empty path)")
+    if not args.out.is_dir():
+        raise UsageError(f"--out {args.out}: no such run folder")
+
+
 def _report(args: argparse.Namespace) -> int:
     from .pipeline import write_report
+    from .pipeline.run import run_folder_lock
 
-    print(f"report: {write_report(args.out)}")
+    with run_folder_lock(args.out):
+        print(f"report: {write_report(args.out)}")
     return 0
+
+
+def _check_bench(args: argparse.Namespace) -> None:
+    from .dispatch import names
+
+    _check_device(args.device)
+    if args.backend not in ("auto", *names()):
+        raise UsageError(f"--backend: choose auto or one of {list(names())}, got {args.backend!r}")
+    if args.rank > min(args.d_in, args.d_out):
+        raise UsageError(
+            f"--rank {args.rank}: K must be <= min(--d-in, --d-out) = {min(args.d_in, args.d_out)}"
+        )
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -151,10 +241,12 @@ def _add_pipeline_parser(sub, name: str, help_text: str, until: str) -> argparse
     p.add_argument(
         "--preset", default="tiny", choices=tuple(PRESETS), help="sizes and settings (default tiny)"
     )
-    p.add_argument("--out", type=Path, required=True, help="run folder (stages are cached here)")
+    p.add_argument(
+        "--out", type=folder_path, required=True, help="run folder (stages are cached here)"
+    )
     p.add_argument("--checkpoint", type=Path, help="local official VGGT weights (vggt1b preset)")
-    p.add_argument("--seed", type=int, help="override the preset's seed")
-    p.add_argument("--threads", type=int, help="torch threads (0: torch's default)")
+    p.add_argument("--seed", type=seed_type, help="override the preset's seed")
+    p.add_argument("--threads", type=int_at_least(0), help="torch threads (0: torch's default)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the preset's device")
     p.add_argument("--quiet", action="store_true", help="no progress bars or stage lines")
     if until in ("mine", "finetune"):
@@ -164,7 +256,9 @@ def _add_pipeline_parser(sub, name: str, help_text: str, until: str) -> argparse
             help="use LoRAs trained elsewhere: DIR/<attribute>/<dataset>/ (peft)",
         )
         p.add_argument("--rank", type=_rank, help="mining rank rule: an int, 'cliff' or 'energy'")
-        p.add_argument("--rank-cap", type=int, help="largest rank per layer and attribute")
+        p.add_argument(
+            "--rank-cap", type=int_at_least(1), help="largest rank per layer and attribute"
+        )
         p.add_argument(
             "--single-attribute",
             choices=ATTRIBUTES,
@@ -173,14 +267,14 @@ def _add_pipeline_parser(sub, name: str, help_text: str, until: str) -> argparse
     if until == "finetune":
         p.add_argument("--tasks", nargs="+", choices=DOWNSTREAM_TASKS, help="downstream tasks")
         p.add_argument("--methods", nargs="+", choices=METHODS, help="fine-tuning methods")
-    p.set_defaults(func=_pipeline(until))
+    p.set_defaults(func=_pipeline(until), check=_check_pipeline)
     return p
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .data.cli import add_render_parser
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="attrspace", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -206,32 +300,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     report = sub.add_parser("report", help="rewrite OUT/report.md from a run folder")
-    report.add_argument("--out", type=Path, required=True, help="run folder")
-    report.set_defaults(func=_report)
+    report.add_argument("--out", type=folder_path, required=True, help="run folder")
+    report.set_defaults(func=_report, check=_check_report)
 
     bench = sub.add_parser(
         "bench", help="time one layer: frozen nn.Linear vs SubspaceLinear vs LoRA"
     )
-    bench.add_argument("--d-in", type=int, default=1024)
-    bench.add_argument("--d-out", type=int, default=3072)
-    bench.add_argument("--tokens", type=int, default=4096)
-    bench.add_argument("--rank", type=int, default=64, help="K of the bank")
-    bench.add_argument("--lora-rank", type=int, default=16)
-    bench.add_argument("--steps", type=int, default=5)
+    positive = int_at_least(1)
+    bench.add_argument("--d-in", type=positive, default=1024)
+    bench.add_argument("--d-out", type=positive, default=3072)
+    bench.add_argument("--tokens", type=positive, default=4096)
+    bench.add_argument("--rank", type=positive, default=64, help="K of the bank")
+    bench.add_argument("--lora-rank", type=positive, default=16)
+    bench.add_argument("--steps", type=positive, default=5)
     bench.add_argument("--backend", default="auto", help="SubspaceLinear backend")
     bench.add_argument("--device", default="cpu")
-    bench.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    bench.set_defaults(func=_bench)
+    bench.add_argument(
+        "--threads", type=int_at_least(0), default=0, help="torch threads (0: torch's default)"
+    )
+    bench.set_defaults(func=_bench, check=_check_bench)
 
     demo = sub.add_parser("demo", help="inject a bank into a small ViT, train M, compare with LoRA")
-    demo.add_argument("--dim", type=int, default=256)
-    demo.add_argument("--depth", type=int, default=4)
-    demo.add_argument("--tokens", type=int, default=1024)
-    demo.add_argument("--rank", type=int, default=16, help="K of the bank and r of the LoRA")
-    demo.add_argument("--steps", type=int, default=8)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    demo.set_defaults(func=_demo)
+    demo.add_argument("--dim", type=positive, default=256)
+    demo.add_argument("--depth", type=positive, default=4)
+    demo.add_argument("--tokens", type=int_at_least(2), default=1024, help="an even count")
+    demo.add_argument("--rank", type=positive, default=16, help="K of the bank and r of the LoRA")
+    demo.add_argument("--steps", type=positive, default=8)
+    demo.add_argument("--seed", type=seed_type, default=0)
+    demo.add_argument(
+        "--threads", type=int_at_least(0), default=0, help="torch threads (0: torch's default)"
+    )
+    demo.set_defaults(func=_demo, check=_check_demo)
 
     info = sub.add_parser(
         "backends", help="which backends of the adapted layer run here, and why not"
@@ -240,13 +339,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that report a bad input or the machine's state, never a bug: printed as one
+    line. A plain ValueError or RuntimeError raised during the work keeps its traceback."""
+    from ._folders import FolderBusyError
+    from .bank import BankFileError
+    from .data.storage import ShardError
+    from .peft_io import AdapterFileError
+    from .pipeline.cache import StageFileError
+    from .pipeline.workspace import RunInputError
+
+    return (
+        OSError,
+        UsageError,
+        FolderBusyError,
+        RunInputError,
+        StageFileError,
+        ShardError,
+        BankFileError,
+        AdapterFileError,
+    )
+
+
+def describe(exc: BaseException) -> str:
+    """One line for an exception: OSErrors as "what: path" (no errno), others as their message."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        text = f"{exc.strerror}: {exc.filename}"
+        return text + (f" -> {exc.filename2}" if exc.filename2 is not None else "")
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    prog = f"attrspace {args.command}"
+    check = getattr(args, "check", None)
+    if check is not None:
+        try:
+            check(args)  # arguments only: every ValueError here is about one of them
+        except (ValueError, OSError) as exc:
+            print(f"{prog}: error: {describe(exc)}", file=sys.stderr)
+            return 2
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"attrspace {args.command}: error: {exc}", file=sys.stderr)
+    except _user_errors() as exc:
+        print(f"{prog}: error: {describe(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; run the same command again to resume", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -109,6 +109,32 @@ def _train(model: nn.Module, batch: Tensor, target: Tensor, steps: int, lr: floa
     )
 
 
+def check_demo_args(
+    dim: int, depth: int, tokens: int, rank: int, lora_rank: int, steps: int, seed: int
+) -> None:
+    """ValueError naming the first argument of run_demo that cannot work."""
+    for name, value, low in (
+        ("dim", dim, 1),
+        ("depth", depth, 1),
+        ("tokens", tokens, 2),
+        ("rank", rank, 1),
+        ("lora_rank", lora_rank, 1),
+        ("steps", steps, 1),
+        ("seed", seed, 0),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if tokens % 2:
+        raise ValueError(f"tokens must be even (two sequences of tokens / 2), got {tokens}")
+    heads = max(1, dim // 64)
+    if dim % heads:
+        raise ValueError(f"dim must be a multiple of its {heads} heads (dim // 64), got {dim}")
+    if rank > dim:
+        raise ValueError(f"rank must be <= dim = {dim} (a basis of the layer), got {rank}")
+    if seed >= 2**63:
+        raise ValueError(f"seed must be < 2**63, got {seed}")
+
+
 def run_demo(
     dim: int = 256,
     depth: int = 4,
@@ -118,7 +144,9 @@ def run_demo(
     steps: int = 8,
     seed: int = 0,
 ) -> list[DemoRow]:
-    """Train the same task with a mined-style bank (random orthonormal here) and with LoRA."""
+    """Train the same task with a mined-style bank (random orthonormal here) and with LoRA.
+    Arguments are checked first (check_demo_args)."""
+    check_demo_args(dim, depth, tokens, rank, lora_rank, steps, seed)
     torch.manual_seed(seed)
     base = TinyViT(dim=dim, depth=depth, heads=max(1, dim // 64))
     batch = torch.randn(2, tokens // 2, 48)

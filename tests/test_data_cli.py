@@ -60,8 +60,15 @@ def test_render_command_writes_a_family_and_a_contact_sheet(tmp_path, capsys):
     assert height > 2 * 112 and width > 4 * 112
     assert pixels.float().std() > 10  # renders, not a blank page
     assert "contact sheet" in capsys.readouterr().out
-    with pytest.raises(FileExistsError):
+    # The same command again: the family is verified and left alone.
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert args.func(args) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    # Another seed into the same folder: refused, naming the flag; nothing is lost.
+    args.seed = 4
+    with pytest.raises(FileExistsError, match=r"seed 3 -> 4.*--overwrite"):
         args.func(args)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_render_command_rejects_bad_arguments(tmp_path):

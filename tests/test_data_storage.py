@@ -142,7 +142,7 @@ def test_tampered_shard_is_a_clear_error_naming_the_file(family_dir, tmp_path):
         MultiViewDataset(root)[1]
 
 
-def test_interrupted_run_leaves_no_valid_family(tmp_path):
+def test_interrupted_run_leaves_no_trace_and_keeps_the_old_family(family_dir, tmp_path):
     calls = []
 
     def crash():
@@ -150,12 +150,33 @@ def test_interrupted_run_leaves_no_valid_family(tmp_path):
         if len(calls) == 3:
             raise KeyboardInterrupt
 
+    fresh = tmp_path / "fresh"
     with pytest.raises(KeyboardInterrupt):
-        write_family(tmp_path, **ARGS, shard_scenes=1, on_scene=crash)
-    assert len(list(tmp_path.rglob("*.safetensors"))) == 2  # shards written so far are complete
-    assert not list(tmp_path.rglob("*.tmp-*"))
-    with pytest.raises(ShardError, match=r"manifest\.json not found"):
-        MultiViewDataset(tmp_path)
+        write_family(fresh, **ARGS, shard_scenes=1, on_scene=crash)
+    assert not fresh.exists() and os.listdir(tmp_path) == []  # no folder, no stray shards
+    # A failed overwrite leaves the old family whole: every shard still verifies.
+    root = _copy(family_dir, tmp_path / "old")
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        write_family(root, **{**ARGS, "seed": 5}, overwrite=True, on_scene=crash)
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+    assert len(MultiViewDataset(root)) == 6 and sorted(os.listdir(tmp_path)) == ["old"]
+
+
+def test_replaced_family_holds_only_the_new_settings(family_dir, tmp_path):
+    root = _copy(family_dir, tmp_path / "fam")
+    with pytest.raises(FileExistsError, match=r"seed 4 -> 5.*pass overwrite=True"):
+        write_family(root, **{**ARGS, "seed": 5})
+    write_family(root, **{**ARGS, "n_datasets": 1, "seed": 5}, overwrite=True)
+    m = read_manifest(root)
+    assert (m["seed"], m["n_datasets"]) == (5, 1)
+    assert sorted(p.name for p in root.iterdir()) == ["geometry_00", "manifest.json"]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds no family"):
+        write_family(tmp_path / "other", **ARGS)
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
 
 
 def test_atomic_write_keeps_the_old_file_when_the_rename_fails(tmp_path, monkeypatch):

@@ -255,14 +255,20 @@ def test_loras_trained_elsewhere_are_mined(micro_run, tmp_path):
         run_stages(Workspace(run, MICRO, loras_dir=tmp_path / "empty", progress=False), "mine")
 
 
-def test_corrupt_outputs_are_refused(micro_run, tmp_path):
+def test_corrupt_outputs_are_detected_and_redone(micro_run, tmp_path, capsys):
     out, _ = micro_run
     run = tmp_path / "run"
     shutil.copytree(out, run)
     bank = run / "mine" / "controls" / "random.safetensors"
     bank.write_bytes(bank.read_bytes()[:-100])
     with pytest.raises(BankFileError):
-        run_pipeline(MICRO, run, progress=False, report=False)
+        SubspaceBank.load(bank)
+    ws = run_pipeline(MICRO, run, progress=False, report=False)
+    assert f"{bank}: does not match its sha256" in capsys.readouterr().err
+    assert ws.ran("mine") == ["mine"] and ws.ran("data") == ws.ran("loras") == []
+    redone, original = SubspaceBank.load(bank), SubspaceBank.load(bank_path(out, "random"))
+    for name, layer in original.layers.items():
+        assert torch.equal(redone.layers[name].U, layer.U)
 
     other = MICRO.replace(seed=1)
     ws = Workspace(run, other, progress=False)

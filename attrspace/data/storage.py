@@ -8,9 +8,10 @@ Layout of a family folder:
                                         extrinsics float32 (n, S, 3, 4),
                                         intrinsics float32 (n, S, 3, 3)
 
-Every file goes through a temporary file and os.replace, so an interrupted run leaves either the old
-file or the new one, never half of one; and because the manifest is written after all shards, a
-folder without a manifest is an unfinished run, never a valid one. Images are stored as 8-bit (as
+A family is written into a temporary folder beside its target and put in place by renames when it
+is complete (attrspace._folders.staged_folder): an interrupted or failed run leaves the old family
+(or nothing) and no stray shards, and a replaced family is never half old and half new. The
+manifest is still written after all shards, so a folder without one is never a valid family. Images are stored as 8-bit (as
 photo datasets are), so a loaded image is within 1/510 of the render.
 """
 
@@ -28,6 +29,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
+from attrspace._folders import staged_folder
 from attrspace._io import atomic_write_bytes
 from attrspace.data.families import (
     ARRAY_KEYS,
@@ -81,6 +83,58 @@ def write_shard(path: Path, stored: dict[str, Tensor]) -> dict:
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
+def family_settings(
+    family: str,
+    n_datasets: int,
+    scenes_per_dataset: int,
+    views: int,
+    height: int,
+    width: int,
+    seed: int,
+) -> dict:
+    """The manifest fields that decide a family's contents (compared before writing over one)."""
+    return {
+        "family": family,
+        "n_datasets": n_datasets,
+        "scenes_per_dataset": scenes_per_dataset,
+        "views": views,
+        "height": height,
+        "width": width,
+        "seed": seed,
+    }
+
+
+def check_family_target(root: Path, settings: dict, overwrite: bool, flag: str = "overwrite=True"):
+    """Whether `root` may receive a family of `settings` -> "new", "same" (it already holds that
+    family, every manifest field equal) or "replace" (overwrite set). Raises FileExistsError for a
+    folder that holds another family (listing the differing settings and naming `flag`), or that
+    is not empty and holds no family; NotADirectoryError when `root` is not a folder."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"{root} exists and is not a folder")
+    if not root.exists() or not any(root.iterdir()):
+        return "new"
+    if not (root / MANIFEST).exists():
+        raise FileExistsError(
+            f"{root} is not empty and holds no family ({MANIFEST}); choose a new or empty folder"
+        )
+    if overwrite:
+        return "replace"
+    try:
+        stored = read_manifest(root)
+    except ShardError as exc:
+        raise FileExistsError(
+            f"{root} holds a family that cannot be read ({exc}); pass {flag} to replace it"
+        ) from exc
+    differ = [f"{k} {stored.get(k)!r} -> {v!r}" for k, v in settings.items() if stored.get(k) != v]
+    if differ:
+        raise FileExistsError(
+            f"{root} holds a family with other settings ({', '.join(differ)}); "
+            f"pass {flag} to replace it, or choose another folder"
+        )
+    return "same"
+
+
 def write_family(
     out: str | Path,
     family: str,
@@ -96,52 +150,52 @@ def write_family(
 ) -> dict:
     """Draw, render and store a family (see family_specs) scene by scene -> the manifest dict.
 
-    shard_scenes: scenes per shard file; threads: passed to render_scene. A folder that already
-    holds a manifest is refused unless overwrite is set, in which case that manifest is removed
-    before anything else is written."""
+    shard_scenes: scenes per shard file; threads: passed to render_scene. `out` must be new or an
+    empty folder; one that already holds a family is refused (FileExistsError) unless overwrite is
+    set, and then replaced only once the new family is complete. Not locked: callers that may run
+    concurrently on one folder hold attrspace._folders.folder_lock (the render command does)."""
     height, width = check_size(size)
     if not isinstance(shard_scenes, int) or shard_scenes < 1:
         raise ValueError(f"shard_scenes must be a positive int, got {shard_scenes!r}")
     root = Path(out)
-    if (root / MANIFEST).exists():
-        if not overwrite:
-            raise FileExistsError(
-                f"{root / MANIFEST} exists; pass overwrite=True to replace the family"
-            )
-        (root / MANIFEST).unlink()
+    settings = family_settings(family, n_datasets, scenes_per_dataset, views, height, width, seed)
+    if check_family_target(root, settings, overwrite) == "same":
+        raise FileExistsError(
+            f"{root / MANIFEST} exists; pass overwrite=True to replace the family"
+        )
     specs = family_specs(family, n_datasets, scenes_per_dataset, views, seed)
-    root.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for spec in specs:
-        (root / spec.name).mkdir(exist_ok=True)
-        shards, buffer, first = [], [], 0
-        for k, scene in enumerate(iter_rendered_scenes(spec, (height, width), threads)):
-            buffer.append(to_stored(scene))  # 8-bit images and no unused maps: small buffers
-            if on_scene is not None:
-                on_scene()
-            if len(buffer) == shard_scenes or k == len(spec.scenes) - 1:
-                rel = f"{spec.name}/shard_{len(shards):05d}.safetensors"
-                stacked = {key: torch.stack([b[key] for b in buffer]) for key in ARRAY_KEYS}
-                entry = write_shard(root / rel, stacked)
-                shards.append({"file": rel, "first_scene": first, "scenes": len(buffer), **entry})
-                first += len(buffer)
-                buffer = []
-        entries.append({**spec.to_dict(), "shards": shards})
-    manifest = {
-        "format": FORMAT,
-        "version": VERSION,
-        "family": family,
-        "seed": seed,
-        "n_datasets": n_datasets,
-        "scenes_per_dataset": scenes_per_dataset,
-        "views": views,
-        "height": height,
-        "width": width,
-        "arrays": {k: str(v).removeprefix("torch.") for k, v in STORED_DTYPES.items()},
-        "datasets": entries,
-    }
-    atomic_write_bytes(root / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    with staged_folder(root) as tmp:
+        entries = [
+            _write_dataset(tmp, spec, (height, width), shard_scenes, on_scene, threads)
+            for spec in specs
+        ]
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            **settings,
+            "arrays": {k: str(v).removeprefix("torch.") for k, v in STORED_DTYPES.items()},
+            "datasets": entries,
+        }
+        atomic_write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
     return manifest
+
+
+def _write_dataset(root: Path, spec: DatasetSpec, hw, shard_scenes: int, on_scene, threads):
+    """Render and store one dataset's scenes in shards -> its manifest entry."""
+    (root / spec.name).mkdir()
+    shards, buffer, first = [], [], 0
+    for k, scene in enumerate(iter_rendered_scenes(spec, hw, threads)):
+        buffer.append(to_stored(scene))  # 8-bit images and no unused maps: small buffers
+        if on_scene is not None:
+            on_scene()
+        if len(buffer) == shard_scenes or k == len(spec.scenes) - 1:
+            rel = f"{spec.name}/shard_{len(shards):05d}.safetensors"
+            stacked = {key: torch.stack([b[key] for b in buffer]) for key in ARRAY_KEYS}
+            entry = write_shard(root / rel, stacked)
+            shards.append({"file": rel, "first_scene": first, "scenes": len(buffer), **entry})
+            first += len(buffer)
+            buffer = []
+    return {**spec.to_dict(), "shards": shards}
 
 
 def read_manifest(root: str | Path) -> dict:

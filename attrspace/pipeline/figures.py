@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+
+from attrspace._io import atomic_write_bytes
 
 BLOCK_KINDS = ("frame", "global")
 LAYER_KINDS = ("qkv", "proj", "fc1", "fc2")
@@ -24,6 +27,13 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig, path: Path) -> None:
+    """PNG bytes drawn in memory, then written whole (temp file + os.replace)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    atomic_write_bytes(Path(path), buffer.getvalue())
 
 
 def _colors(n: int) -> list:
@@ -61,7 +71,7 @@ def spectra_figure(summary: dict, path: Path) -> Path:
     handles = [plt.Line2D([], [], color=colors[a], label=a) for a in attributes]
     fig.legend(handles=handles, loc="upper center", ncol=len(attributes), fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.94))
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -94,7 +104,7 @@ def overlap_figure(summary: dict, path: Path) -> Path:
         ax.set_title(f"1 - cos θ1, {title}", fontsize=9)
         fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -127,6 +137,6 @@ def curves_figure(curves: dict[str, dict[str, list[float]]], path: Path) -> Path
             ax.legend(fontsize=7)
     axes[0][0].set_ylabel("training objective")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
     return path

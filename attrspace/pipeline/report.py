@@ -8,6 +8,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from attrspace._io import atomic_write_bytes
+
 from .cache import StageFileError
 from .evaluate import HEADLINE
 from .figures import BLOCK_KINDS, LAYER_KINDS, layer_kind
@@ -367,5 +369,5 @@ def write_report(out: str | Path) -> Path:
     if figure_lines:
         lines += ["", "## Figures", "", *(f"{x}\n" for x in figure_lines)]
     path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
     return path

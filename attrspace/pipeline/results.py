@@ -6,13 +6,23 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from .cache import MARKER, read_json
+from .cache import MARKER, StageFileError, read_json, read_marker, verify_outputs
 from .run import RUNS_FILE
 
 
-def _marker(folder: Path) -> dict | None:
-    path = folder / MARKER
-    return read_json(path, ("seconds",)) if path.exists() else None
+def _marker(folder: Path, redo: str) -> dict | None:
+    """The marker of a stage folder whose outputs all match their checksums (None: no marker).
+    A report cannot redo a stage, so a damaged one is an error that names the command that can."""
+    if not (folder / MARKER).exists():
+        return None
+    try:
+        marker = read_marker(folder)
+        problem = verify_outputs(folder, marker)
+    except StageFileError as exc:
+        problem = str(exc)
+    if problem is not None:
+        raise StageFileError(f"{problem}; `{redo}` redoes it")
+    return marker
 
 
 def collect(out: Path) -> dict:
@@ -23,13 +33,19 @@ def collect(out: Path) -> dict:
     info: dict = {"runs": [], "data": {}, "loras": {}, "finetune": {}}
     if (out / RUNS_FILE).exists():
         info["runs"] = read_json(out / RUNS_FILE, ("runs",))["runs"]
-    used = None
+    used, redo = None, f"attrspace run --out {out}"
     if info["runs"]:
-        used = set(info["runs"][-1]["ran"]) | set(info["runs"][-1]["cached"])
+        last = info["runs"][-1]
+        used = set(last["ran"]) | set(last["cached"])
+        argv = last.get("argv")
+        if isinstance(argv, list) and argv:
+            redo = "attrspace " + " ".join(map(str, argv))
+        else:
+            redo = f"attrspace {last['command']} --preset {last['preset']} --out {out}"
 
     def marker(folder: Path) -> dict | None:
         key = folder.relative_to(out).as_posix()
-        return _marker(folder) if used is None or key in used else None
+        return _marker(folder, redo) if used is None or key in used else None
 
     for folder in sorted((out / "data").glob("*")):
         found = marker(folder)

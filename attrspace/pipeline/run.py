@@ -4,20 +4,50 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+from attrspace._folders import folder_lock
 
 from .cache import StageFileError, read_json, write_json_atomic
 from .finetune import finetune_stage
 from .mining import mine_stage
 from .presets import Preset
 from .stages import lora_stage, pretrain_stage, render_stage
-from .workspace import Workspace, torch_threads
+from .workspace import RunInputError, Workspace, torch_threads
 
 STAGES = ("render", "pretrain", "train-lora", "mine", "finetune")
 RUNS_FILE = "runs.json"
+LOCK_FILE = ".lock"  # OUT/.lock, with the holder in OUT/.lock.owner (attrspace._folders)
+
+
+def run_folder_lock(out: Path):
+    """The lock every command that writes into run folder `out` holds while it runs."""
+    return folder_lock(out, Path(out) / LOCK_FILE)
+
+
+def prepare_run_folder(out: str | os.PathLike) -> Path:
+    """Create run folder `out` (and its parents); RunInputError naming the path when it is empty,
+    a file, under a file, or cannot be written."""
+    if not str(out).strip():
+        raise RunInputError("the run folder must be named (got an empty path)")
+    out = Path(out)
+    for parent in (out, *out.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                where = "is" if parent == out else f"is under {parent}, which is"
+                raise RunInputError(f"run folder {out} {where} a file, not a folder")
+            break
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunInputError(f"cannot create run folder {out}: {exc.strerror}") from exc
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise RunInputError(f"run folder {out} is not writable")
+    return out
 
 
 def machine() -> dict:
@@ -72,6 +102,11 @@ def run_stages(ws: Workspace, until: str = "finetune") -> dict:
         if last >= 4:
             ws.say("[5/5] fine-tuning")
             out["finetune"] = finetune_stage(ws, out["base"], out["mine"])
+        if last >= 4 and ws.preset.study is not None:
+            from .study import study_stage
+
+            ws.say("[5/5] study: control banks, statistics, arms x seeds")
+            out["study"] = study_stage(ws, out["base"], out["loras"], out["mine"])
     return out
 
 
@@ -82,10 +117,18 @@ def record_run(ws: Workspace, command: str, started: float, load_before, wall: f
     if path.exists():
         try:
             runs = read_json(path, ("runs",))["runs"]
+            if not isinstance(runs, list) or not all(isinstance(r, dict) for r in runs):
+                raise StageFileError(f"{path}: 'runs' is not a list of run records")
         except StageFileError as exc:
-            print(f"attrspace: {exc}; starting a new run log")
+            aside = path.with_name(f"{RUNS_FILE}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+            os.replace(path, aside)  # the history stays readable by hand, never dropped
+            runs = []
+            print(
+                f"attrspace: {exc}; kept it as {aside} and started a new run log", file=sys.stderr
+            )
     entry = {
         "command": command,
+        "argv": sys.argv[1:] if Path(sys.argv[0]).name == "attrspace" else None,
         "preset": ws.preset.name,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "wall_seconds": wall,
@@ -114,18 +157,24 @@ def run_pipeline(
     command: str = "run",
 ) -> Workspace:
     """Run the pipeline into `out` (resuming from whatever is cached there), record the run and,
-    after the last stage, write out/report.md. Returns the workspace (its events list what ran)."""
-    ws = Workspace(Path(out), preset, checkpoint, loras_dir, progress)
-    ws.out.mkdir(parents=True, exist_ok=True)
-    started, load_before = time.time(), _load()
-    tick = time.perf_counter()
-    run_stages(ws, until)
-    entry = record_run(ws, command, started, load_before, time.perf_counter() - tick)
-    if report and until == "finetune":
-        from .report import write_report
+    after the last stage, write out/report.md. Returns the workspace (its events list what ran).
 
-        path = write_report(ws.out)
-        ws.say(f"report: {path}")
+    Holds the run folder's lock throughout: a second process on the same folder gets
+    FolderBusyError naming the holder."""
+    if not str(out).strip():
+        raise RunInputError("the run folder must be named (got an empty path)")
+    ws = Workspace(Path(out), preset, checkpoint, loras_dir, progress)
+    prepare_run_folder(ws.out)
+    with run_folder_lock(ws.out):
+        started, load_before = time.time(), _load()
+        tick = time.perf_counter()
+        run_stages(ws, until)
+        entry = record_run(ws, command, started, load_before, time.perf_counter() - tick)
+        if report and until == "finetune":
+            from .report import write_report
+
+            path = write_report(ws.out)
+            ws.say(f"report: {path}")
     ws.say(
         f"{command}: {entry['wall_seconds']:.1f} s ({len(entry['ran'])} pieces of work done, "
         f"{len(entry['cached'])} from the cache)"

@@ -1,14 +1,15 @@
 """The stages before fine-tuning: render the families, pre-train the base model, train one LoRA per
 attribute dataset, mine the bank (and the control banks of the comparison).
 
-Each stage skips work whose marker holds the expected digest (see cache.py); digests chain, so a
-changed upstream configuration redoes everything that depends on it and nothing else.
+Each stage skips work whose marker holds the expected digest and whose outputs still match their
+checksums (see cache.py); digests chain, so a changed upstream configuration redoes everything that
+depends on it and nothing else. Each unit of work is written into a temporary folder that replaces
+its stage folder in one rename (cache.stage_output), marker included.
 """
 
 from __future__ import annotations
 
 import hashlib
-import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +23,15 @@ from attrspace.peft_io import CONFIG_NAME, WEIGHTS_NAME, save_peft
 from attrspace.train.trainer import TrainConfig, TrainLog, train
 
 from ._io import save_weights
-from .cache import clear_marker, digest, file_sha256, is_done, write_json_atomic, write_marker
+from .cache import (
+    clear_marker,
+    digest,
+    file_sha256,
+    is_done,
+    stage_output,
+    write_json_atomic,
+    write_marker,
+)
 from .evaluate import error_terms
 from .workspace import Workspace
 
@@ -89,12 +98,10 @@ def render_stage(ws: Workspace) -> dict[str, str]:
             ws.record(f"data/{family}", "cached")
             continue
         clear_marker(folder)
-        if folder.exists():
-            shutil.rmtree(folder)  # shards of an older configuration
         start = time.perf_counter()
-        with ws.bar(n * scenes, f"render {family}") as bar:
+        with ws.bar(n * scenes, f"render {family}") as bar, stage_output(folder) as tmp:
             write_family(
-                folder,
+                tmp,
                 family,
                 n,
                 scenes,
@@ -104,9 +111,8 @@ def render_stage(ws: Workspace) -> dict[str, str]:
                 on_scene=lambda: bar.update(1),
                 threads=ws.preset.threads or None,
             )
-        write_marker(
-            folder, "data", expected, time.perf_counter() - start, family=family, scenes=n * scenes
-        )
+            seconds = time.perf_counter() - start
+            write_marker(tmp, "data", expected, seconds, family=family, scenes=n * scenes)
         ws.record(f"data/{family}", "ran")
     return out
 
@@ -142,18 +148,19 @@ def pretrain_stage(ws: Workspace) -> str:
     scenes = ws.scenes(MIXED)
     model = ws.new_model()
     log = train_job(ws, model, scenes, ws.preset.pretrain, "pretrain")
-    save_weights(model, folder / "model.safetensors", expected)
     errors = error_terms(model, scenes[:16], ws.device)
-    write_json_atomic(folder / "curve.json", {**curve(log), "train_error": errors})
-    write_marker(
-        folder,
-        "base",
-        expected,
-        time.perf_counter() - start,
-        steps=ws.preset.pretrain.steps,
-        scenes=len(scenes),
-        train_error=errors["error"],
-    )
+    with stage_output(folder) as tmp:
+        save_weights(model, tmp / "model.safetensors", expected)
+        write_json_atomic(tmp / "curve.json", {**curve(log), "train_error": errors})
+        write_marker(
+            tmp,
+            "base",
+            expected,
+            time.perf_counter() - start,
+            steps=ws.preset.pretrain.steps,
+            scenes=len(scenes),
+            train_error=errors["error"],
+        )
     ws.record("base", "ran")
     return expected
 
@@ -215,13 +222,22 @@ def lora_stage(ws: Workspace, base: str) -> dict[str, list[Path]]:
             inject_lora(model, targets, preset.lora_rank, preset.lora_alpha)
             config = replace(preset.lora, seed=seed)  # batch order
             log = train_job(ws, model, ws.scenes(a, [name]), config, f"LoRA {name}")
-            save_peft(model, folder, base_model_name_or_path=f"attrspace-{preset.name}-{base[:12]}")
-            write_json_atomic(folder / "curve.json", curve(log))
-            write_marker(folder, "lora", expected, time.perf_counter() - start, dataset=name)
+            with stage_output(folder) as tmp:
+                save_peft(
+                    model, tmp, base_model_name_or_path=f"attrspace-{preset.name}-{base[:12]}"
+                )
+                write_json_atomic(tmp / "curve.json", curve(log))
+                write_marker(tmp, "lora", expected, time.perf_counter() - start, dataset=name)
             ws.record(f"loras/{a}/{name}", "ran")
     return folders
 
 
 def lora_files_digest(folders: dict[str, list[Path]]) -> list:
-    """(attribute, folder name, sha256 of the adapter weights) of every LoRA (the mine digest)."""
-    return [(a, p.name, file_sha256(p / WEIGHTS_NAME)) for a in sorted(folders) for p in folders[a]]
+    """(attribute, folder name, sha256 of the adapter weights, sha256 of adapter_config.json) of
+    every LoRA, for the mine digest: the config's lora_alpha and rank shape the mined updates as
+    much as the weights do."""
+    return [
+        (a, p.name, file_sha256(p / WEIGHTS_NAME), file_sha256(p / CONFIG_NAME))
+        for a in sorted(folders)
+        for p in folders[a]
+    ]

@@ -21,6 +21,11 @@ BASE_FILE = "model.safetensors"
 DIGEST_KEY = "attrspace_digest"
 
 
+class RunInputError(ValueError):
+    """An input of a run that cannot work: a missing checkpoint or LoRA folder, a preset that needs
+    a device this machine lacks. The CLI prints it as one line."""
+
+
 @dataclass
 class Workspace:
     """out: the run folder; checkpoint: a local official VGGT file (presets without pre-training);
@@ -40,16 +45,17 @@ class Workspace:
         if self.checkpoint is not None:
             self.checkpoint = Path(self.checkpoint)
             if not self.checkpoint.is_file():
-                raise FileNotFoundError(f"checkpoint not found: {self.checkpoint}")
+                raise RunInputError(f"checkpoint not found: {self.checkpoint}")
         if self.preset.needs_checkpoint and self.checkpoint is None:
-            raise ValueError(
+            raise RunInputError(
                 f"preset {self.preset.name!r} has no pre-training stage: pass --checkpoint "
                 "with a local official VGGT weights file"
             )
         if self.loras_dir is not None:
             self.loras_dir = Path(self.loras_dir)
             if not self.loras_dir.is_dir():
-                raise FileNotFoundError(f"LoRA folder not found: {self.loras_dir}")
+                raise RunInputError(f"LoRA folder not found: {self.loras_dir}")
+        self.device  # noqa: B018 -- a preset that needs CUDA fails here, before any work
 
     # -- device and progress ----------------------------------------------------------------------
 
@@ -59,7 +65,10 @@ class Workspace:
         if wanted == "auto":
             wanted = "cuda" if torch.cuda.is_available() else "cpu"
         if wanted == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"preset {self.preset.name!r} needs a CUDA device; none is present")
+            raise RunInputError(
+                f"preset {self.preset.name!r} runs on CUDA and this machine has no CUDA device; "
+                "pass --device cpu"
+            )
         return torch.device(wanted)
 
     def bar(self, total: int, desc: str):
@@ -69,6 +78,14 @@ class Workspace:
         return tqdm(
             total=total, desc=desc, disable=not self.progress, leave=False, dynamic_ncols=True
         )
+
+    def redo_command(self, stage: str) -> str:
+        """The command line that redoes `stage` of this run (for errors about files that a later
+        stage cannot redo itself)."""
+        command = f"attrspace {stage} --preset {self.preset.name} --out {self.out}"
+        if self.checkpoint is not None:
+            command += f" --checkpoint {self.checkpoint}"
+        return command
 
     def say(self, message: str) -> None:
         if self.progress:
@@ -120,11 +137,15 @@ class Workspace:
                 with safe_open(str(path), framework="pt") as f:
                     stored = (f.metadata() or {}).get(DIGEST_KEY)
             except Exception as exc:
-                raise StageFileError(f"{path}: cannot read the base weights ({exc})") from exc
+                raise StageFileError(
+                    f"{path}: cannot read the base weights ({exc}); "
+                    f"`{self.redo_command('pretrain')}` redoes them"
+                ) from exc
             if stored != expected_digest:
                 raise StageFileError(
                     f"{path}: weights were written for another configuration "
-                    f"({str(stored)[:12]} != {expected_digest[:12]}); rerun the pretrain stage"
+                    f"({str(stored)[:12]} != {expected_digest[:12]}); "
+                    f"`{self.redo_command('pretrain')}` redoes them"
                 )
         if self.preset.needs_checkpoint:
             with torch.device("meta"):

@@ -1,0 +1,150 @@
+"""Folders that one process owns while it writes them, and folders replaced in one rename.
+
+`folder_lock` keeps two processes out of one run or render folder. It takes an exclusive flock
+(the `filelock` library) on a lock file and writes the holder's pid, host and command into a side
+file for the message a second process gets. The kernel drops a flock when its process dies, however
+it dies (SIGKILL included), so the lock of a dead process is simply taken over; the side file it
+left is overwritten.
+
+`staged_folder` gives a fresh temporary folder beside a target; a clean exit replaces the target
+with it by renames, so readers see the old contents or the whole new set, never a mix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from attrspace._io import atomic_write_bytes
+
+LOCK_SUFFIX = ".lock"
+OWNER_SUFFIX = ".lock.owner"
+_TEMP_SUFFIX = ".tmp"
+_OLD_SUFFIX = ".old"
+
+
+class FolderBusyError(RuntimeError):
+    """Another live process holds the lock of a folder."""
+
+
+def _holder(owner_file: Path) -> str:
+    try:
+        info = json.loads(owner_file.read_text())
+        return (
+            f"process {int(info['pid'])} on host {info['host']} (since {info['since']}: "
+            f"{info['command']})"
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process (its owner file is missing or unreadable)"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, lock_file: Path) -> Iterator[None]:
+    """Hold the exclusive lock `lock_file` for `folder` inside the block.
+
+    Raises FolderBusyError naming the folder and the holder (pid, host, command) when another live
+    process holds it; never waits. Lock files stay in place (waiters must share one inode); the
+    owner side file is removed on release."""
+    folder, lock_file = Path(folder), Path(lock_file)
+    owner_file = lock_file.with_name(lock_file.name.removesuffix(LOCK_SUFFIX) + OWNER_SUFFIX)
+    # fallback_to_soft=False: a soft lock (a marker file) outlives a killed holder, a flock does not.
+    lock = FileLock(lock_file, timeout=0, fallback_to_soft=False, thread_local=False)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise FolderBusyError(
+            f"{folder} is in use by {_holder(owner_file)}; wait for it to finish or stop it"
+        ) from None
+    try:
+        owner = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        }
+        atomic_write_bytes(owner_file, json.dumps(owner).encode())
+        try:
+            yield
+        finally:
+            owner_file.unlink(missing_ok=True)
+    finally:
+        lock.release()
+
+
+def lock_beside(folder: Path) -> Path:
+    """The lock file of a folder that is itself replaced by renames: `.NAME.lock` in its parent
+    (a lock file inside would move away with the old folder)."""
+    folder = Path(folder)
+    return folder.parent / f".{folder.name}{LOCK_SUFFIX}"
+
+
+def _sibling(folder: Path, suffix: str) -> Path:
+    return folder.parent / f".{folder.name}.{os.getpid()}-{secrets.token_hex(4)}{suffix}"
+
+
+def remove_leftovers(folder: Path) -> None:
+    """Remove temporary and old siblings of `folder` left by writers that are gone (their pid is in
+    the name; a live process's are kept)."""
+    folder = Path(folder)
+    if not folder.parent.is_dir():
+        return
+    for path in folder.parent.glob(f".{folder.name}.*"):
+        if path.is_dir() and path.name.endswith((_TEMP_SUFFIX, _OLD_SUFFIX)):
+            pid = path.name.removeprefix(f".{folder.name}.").split("-", 1)[0]
+            if not pid.isdigit() or not _alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # ours, from an earlier write in this process that was interrupted
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def replace_folder(new: Path, folder: Path) -> None:
+    """Put folder `new` in the place of `folder` (which may be absent): rename the old one aside,
+    rename the new one in, delete the old one. A kill between the renames leaves no `folder` (an
+    unfinished write, which is redone) and hidden siblings that remove_leftovers deletes."""
+    new, folder = Path(new), Path(folder)
+    old = None
+    if folder.exists() or folder.is_symlink():
+        if not folder.is_dir() or folder.is_symlink():
+            raise NotADirectoryError(f"{folder} exists and is not a folder")
+        old = _sibling(folder, _OLD_SUFFIX)
+        os.rename(folder, old)
+    os.rename(new, folder)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_folder(folder: Path) -> Iterator[Path]:
+    """A new empty folder beside `folder` to write into; a clean exit replaces `folder` with it
+    (replace_folder), an exception deletes it and leaves `folder` as it was."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(folder)
+    tmp = _sibling(folder, _TEMP_SUFFIX)
+    os.mkdir(tmp)  # not mkdtemp: its 0700 mode would become the folder's mode
+    try:
+        yield tmp
+        replace_folder(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
