@@ -9,12 +9,15 @@ order, and rank 0 receives the result. FSDP1 is refused (see `check_wrapping`).
     fully_shard_model(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16,
                                                        reduce_dtype=torch.float32))
     ... train ...
+    save_adapter(model, "adapter/")          # all ranks; rank 0 writes a plain peft folder
     state = merged_state_dict(model)         # all ranks; rank 0 gets the plain, folded state dict
 """
 
 from __future__ import annotations
 
-import torch
+import os
+from pathlib import Path
+
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
@@ -142,6 +145,26 @@ def _full(t: Tensor) -> Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def _gather_adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """Every adapter tensor (U, V, M, lora_A/B weights) in full, as CPU tensors on rank 0, under
+    its key in `unwrap(model).state_dict()`; {} on other ranks. Collective: one all-gather per
+    DTensor, in module order, which is the same on every rank."""
+    keep = _rank() == 0
+    out = {}
+    for name, m in unwrap(model).named_modules():
+        if isinstance(m, SubspaceLinear):
+            tensors = {"U": m.U, "V": m.V, "M": m.M}
+        elif isinstance(m, (LoRALinear, LoRAConv2d)):
+            tensors = {"lora_A.weight": m.lora_A.weight, "lora_B.weight": m.lora_B.weight}
+        else:
+            continue
+        for key, t in tensors.items():
+            full = _full(t)
+            if keep:
+                out[f"{name}.{key}"] = full.cpu().clone()
+    return out
+
+
 def full_adapter_state(model: nn.Module) -> dict[str, dict]:
     """Every adapter's full tensors, gathered from FSDP2 shards, on rank 0 as CPU tensors.
 
@@ -154,31 +177,32 @@ def full_adapter_state(model: nn.Module) -> dict[str, dict]:
     Tensors keep their dtypes (M is float32 master weights under a bf16 FSDP2 policy).
     """
     check_wrapping(model)
-    keep = _rank() == 0
+    tensors = _gather_adapter_tensors(model)
+    if _rank() != 0:
+        return {}
     state: dict[str, dict] = {}
-    for name, m in adapter_modules(model).items():
+    for name, m in unwrap(model).named_modules():
         if isinstance(m, SubspaceLinear):
             entry = {"kind": "subspace", "scale": float(m.scale), "merged": bool(m.merged)}
-            tensors = {"U": m.U, "V": m.V, "M": m.M}
-        else:
+            keys = {"U": "U", "V": "V", "M": "M"}
+        elif isinstance(m, (LoRALinear, LoRAConv2d)):
             entry = {"kind": "lora", "rank": m.rank, "alpha": m.alpha, "scaling": m.scaling}
-            tensors = {"lora_A": m.lora_A.weight, "lora_B": m.lora_B.weight}
-        for key, t in tensors.items():
-            full = _full(t)
-            if keep:
-                entry[key] = full.cpu().clone()
-        if keep:
-            state[name] = entry
+            keys = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+        else:
+            continue
+        entry.update({field: tensors[f"{name}.{key}"] for field, key in keys.items()})
+        state[clean_name(name)] = entry
     return state
 
 
-def _delta(entry: dict, shape: torch.Size, acc: torch.dtype) -> Tensor:
-    """The entry's weight update, reshaped to the layer weight's `shape`, in `acc` precision."""
-    if entry["kind"] == "subspace":
-        U, V, M = (entry[k].to(acc) for k in ("U", "V", "M"))
-        return entry["scale"] * (U @ M @ V.t())
-    B, A = entry["lora_B"].flatten(1).to(acc), entry["lora_A"].flatten(1).to(acc)
-    return (entry["scaling"] * (B @ A)).reshape(shape)
+def _plain_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    out = {}
+    for key, value in state.items():
+        plain = clean_name(key)
+        if plain in out:
+            raise ValueError(f"two state-dict keys read {plain!r} once wrapper names are removed")
+        out[plain] = value
+    return out
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -186,32 +210,68 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
     Collective: every rank calls it; rank 0 gets the dict (CPU tensors), the others {}. Keys are
     those of the model before injection (no U, V, M, lora_A, lora_B), so the result loads with
-    strict=True into a plain model or an official checkpoint's layout. Each update is added in fp32
-    (fp64 for fp64 weights) and rounded once to the weight's dtype, as `uninject(merge=True)` does.
-    A merged SubspaceLinear saves its unmerged weight (attrspace.nn), so it is folded like the rest.
-    This is merge and uninject for an FSDP2 model: load the result into a plain, unsharded model.
+    strict=True into a plain model or an official checkpoint's layout. The fold is
+    attrspace.export's (fp32 update, rounded once to the weight's dtype, as `uninject(merge=True)`);
+    merged SubspaceLinear layers save their unmerged weight, so they are folded like the rest.
+    This is merge + uninject for an FSDP2 model: load the result into a plain, unsharded model,
+    or write it with `attrspace.export.write_merged_checkpoint`.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    adapters = full_adapter_state(model)
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    from .export import collect_merged_state
+
+    check_wrapping(model)
+    inner = unwrap(model)
     # get_model_state_dict gathers one tensor at a time and keeps it on rank 0 only (cpu_offload),
-    # so a 1B model never needs a full copy in every rank's memory.
-    state = get_model_state_dict(unwrap(model), options=options)
+    # so a 1B model never needs a full copy in every rank's memory. Its keys are plain names;
+    # export reads the model's own (raw) names, so map them back.
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    gathered = get_model_state_dict(inner, options=options)
     if _rank() != 0:
         return {}
-    state = {clean_name(k): v for k, v in state.items()}
-    for name, entry in adapters.items():
-        weight_key = f"{name}.weight"
-        if weight_key not in state:
-            raise KeyError(f"{weight_key}: the adapter's weight is missing from the state dict")
-        owned = [
-            k for k in state if k.startswith(f"{name}.") and k not in (weight_key, f"{name}.bias")
-        ]
-        for key in owned:
-            del state[key]
-        weight = state[weight_key]
-        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        folded = weight.to(acc) + _delta(entry, weight.shape, acc)
-        state[weight_key] = folded.to(weight.dtype)
-    return state
+    raw = {clean_name(k): k for k in inner.state_dict()}
+    full = {raw.get(k, k): v for k, v in gathered.items()}
+    return _plain_keys(collect_merged_state(inner, full))
+
+
+def save_adapter(
+    model: nn.Module, folder: str | os.PathLike, base_model_name_or_path: str | None = None
+) -> Path:
+    """Save every adapter of `model` as a plain peft LoRA folder, written by rank 0.
+
+    The one call for "save my adapter" under DDP, FSDP2 or a single process: every rank calls it
+    (adapter tensors are gathered collectively; the frozen base weights are not), rank 0 writes
+    `folder` with attrspace.export (subspace layers as rank-K LoRAs, LoRA layers as they are), and
+    every rank returns only once the folder is complete. If rank 0 fails, every rank raises the
+    same RuntimeError, so no rank carries on believing the adapter was saved. Load it with
+    `peft.PeftModel.from_pretrained(base_model, folder)`.
+    """
+    from .export import collect_peft_adapter, write_peft_adapter
+
+    check_wrapping(model)
+    inner = unwrap(model)
+    wrapped = [n for n, m in inner.named_modules() if isinstance(m, ADAPTER_TYPES)]
+    wrapped = [n for n in wrapped if clean_name(n) != n]
+    if wrapped:
+        # peft matches the names in adapter_config.json against the plain model's module names.
+        raise ValueError(
+            f"adapter {wrapped[0]!r} sits inside a wrapper module, so its peft name would not "
+            "match the plain model; compile blocks in place (module.compile()) and checkpoint "
+            "inside forward instead of wrapping"
+        )
+    tensors = _gather_adapter_tensors(model)
+    folder = Path(folder)
+    error = None
+    if _rank() == 0:
+        try:
+            adapter = collect_peft_adapter(inner, tensors, base_model_name_or_path)
+            write_peft_adapter(adapter, folder)
+        except Exception as exc:  # reported to every rank below, then raised
+            error = f"{type(exc).__name__}: {exc}"
+    if dist.is_available() and dist.is_initialized():
+        message = [error]
+        dist.broadcast_object_list(message, src=0)  # also the barrier: rank 0 has finished
+        error = message[0]
+    if error is not None:
+        raise RuntimeError(f"save_adapter: rank 0 could not write {folder}: {error}")
+    return folder

@@ -80,17 +80,25 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 def train(model: nn.Module, x, y, steps: int = STEPS, compute_dtype=None) -> dict:
-    """SGD with momentum; the gradients of every step and the trained values, gathered in full."""
+    """SGD with momentum 0.9; the gradients of every step and the trained values, in full.
+
+    Written out rather than torch.optim.SGD, whose constructor imports torch._dynamo (seconds per
+    process on a loaded 2-core machine); it works on plain tensors and DTensor shards alike.
+    """
     params = _trainable(model)
-    opt = torch.optim.SGD(params.values(), lr=LR, momentum=0.9)
+    momentum = {n: torch.zeros_like(p) for n, p in params.items()}
     grads = []
     for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
+        for p in params.values():
+            p.grad = None
         inputs = x if compute_dtype is None else x.to(compute_dtype)
         loss = (model(inputs).float() - y).square().mean()
         loss.backward()
         grads.append({n: _full(p.grad) for n, p in params.items()})
-        opt.step()
+        with torch.no_grad():
+            for n, p in params.items():
+                momentum[n].mul_(0.9).add_(p.grad)
+                p.add_(momentum[n], alpha=-LR)
     return {
         "grads": grads,
         "params": {n: _full(p) for n, p in params.items()},
@@ -105,6 +113,7 @@ def reference() -> dict:
     out = {"fp32": train(fp32, x, y)}
     out["adapter_state"] = adist.full_adapter_state(fp32)
     out["merged"] = adist.merged_state_dict(fp32)
+    out["model"] = fp32
     # bf16 reference: every parameter (M included) rounded to bf16 for compute, the way FSDP2's
     # param_dtype does, with fp32 copies of the first-step gradients.
     bf16 = build()
@@ -121,7 +130,26 @@ def _shard(rank: int, world: int):
     return x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
 
 
-def run_ddp(rank: int, world: int) -> dict:
+def _save(model: nn.Module, out_dir: str, name: str, world: int) -> dict:
+    """save_adapter into out_dir/name; then once more onto a path that is a file, which rank 0
+    cannot write: every rank must raise."""
+    adist.save_adapter(model, os.path.join(out_dir, name))
+    blocker = os.path.join(out_dir, f"{name}.blocker")
+    if dist.get_rank() == 0:
+        with open(blocker, "w") as f:
+            f.write("not an adapter folder")
+    dist.barrier()
+    try:
+        adist.save_adapter(model, blocker)
+        raised = None
+    except RuntimeError as exc:
+        raised = str(exc)
+    everyone = [None] * world
+    dist.all_gather_object(everyone, raised)
+    return {"adapter": name, "failed_save_raised": everyone}
+
+
+def run_ddp(rank: int, world: int, out_dir: str) -> dict:
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
     model = build()
@@ -150,6 +178,7 @@ def run_ddp(rank: int, world: int) -> dict:
     )
     result["adapter_state"] = adist.full_adapter_state(ddp)
     result["merged"] = adist.merged_state_dict(ddp)
+    result.update(_save(ddp, out_dir, "adapter_ddp", world))
     return result
 
 
@@ -159,16 +188,17 @@ def _fsdp2(mp_policy=None, checkpointing: bool = False) -> nn.Module:
     return model
 
 
-def run_fsdp2(rank: int, world: int) -> dict:
+def run_fsdp2(rank: int, world: int, out_dir: str) -> dict:
     model = _fsdp2(checkpointing=True)
     result = train(model, *_shard(rank, world))
     result["sharded"] = isinstance(model.blocks[0].attn.qkv.M, torch.distributed.tensor.DTensor)
     result["adapter_state"] = adist.full_adapter_state(model)
     result["merged"] = adist.merged_state_dict(model)
+    result.update(_save(model, out_dir, "adapter_fsdp2", world))
     return result
 
 
-def run_fsdp2_bf16(rank: int, world: int) -> dict:
+def run_fsdp2_bf16(rank: int, world: int, out_dir: str) -> dict:
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -186,7 +216,7 @@ SCENARIOS = {
 def run_all(rank: int, world: int, out_dir: str) -> None:
     results = {}
     for name, scenario in SCENARIOS.items():
-        results[name] = scenario(rank, world)
+        results[name] = scenario(rank, world, out_dir)
         dist.barrier()
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "results.pt"))
