@@ -104,6 +104,7 @@ def inject(
     """
     if not isinstance(bank, SubspaceBank):
         raise TypeError(f"bank must be a SubspaceBank, got {type(bank).__name__}")
+    bank.validate()  # a bank edited after loading is checked again, layer by layer
     modules = dict(model.named_modules())
     problems = []
     for name, layer in bank.layers.items():
