@@ -58,6 +58,41 @@ class DataSizes:
             )
 
 
+# Bank-only arms of the study (the bank on the block linears, no heads' LoRA): which bank.
+STUDY_BANKS = ("mined", "shuffled", "pooled", "psv", "single")
+# Arms of the study that reuse the fine-tuning methods (heads' LoRA where the method has one).
+STUDY_METHODS = ("zero-shot", "full", "lora", "subspace", "heads")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """The controlled test of the paper's claims (study.py): fine-tuning arms on `task`, each with
+    `seeds` data-order (and adapter init) seeds; bank-only arms for the mined bank, every control
+    bank and `random_banks` random banks of the same K; `permutations` label permutations in the
+    specificity test."""
+
+    task: str = "microbaseline"
+    seeds: int = 3
+    random_banks: int = 3
+    permutations: int = 999
+
+    def __post_init__(self) -> None:
+        if self.task not in DOWNSTREAM_TASKS:
+            raise ValueError(f"study task must be one of {DOWNSTREAM_TASKS}, got {self.task!r}")
+        for label, value, lo in (
+            ("seeds", self.seeds, 1),
+            ("random_banks", self.random_banks, 1),
+            ("permutations", self.permutations, 1),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+                raise ValueError(f"StudyConfig.{label} must be an int >= {lo}, got {value!r}")
+
+    def arms(self) -> tuple[str, ...]:
+        """Every arm's name: the methods, then "bank:<bank>" for the bank-only arms."""
+        randoms = tuple(f"random{i}" for i in range(self.random_banks))
+        return STUDY_METHODS + tuple(f"bank:{b}" for b in (*STUDY_BANKS, *randoms))
+
+
 @dataclass(frozen=True)
 class Preset:
     """Everything one pipeline run depends on.
@@ -67,7 +102,8 @@ class Preset:
     uses the same steps and schedule with its own peak lr `full_lr` (every parameter moves, so the
     adapters' lr would wreck it). single_attribute: the attribute of the single-attribute control.
     threads: torch intra-op threads (0 keeps torch's default). eval_points: points per cloud in the
-    point-cloud metrics (a seeded subsample). device: "auto" picks CUDA when present.
+    point-cloud metrics (a seeded subsample). device: "auto" picks CUDA when present. study: when
+    set, the run ends with the controlled study of the paper's claims (study.py).
     """
 
     name: str
@@ -88,6 +124,7 @@ class Preset:
     threads: int = 0
     eval_points: int = 4096
     device: str = "auto"
+    study: StudyConfig | None = None
     notes: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -125,6 +162,16 @@ class Preset:
             raise ValueError("threads must be >= 0 and eval_points >= 16")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if self.study is not None:
+            if self.study.task not in self.tasks:
+                raise ValueError(
+                    f"study task {self.study.task!r} is not one of the tasks {self.tasks}"
+                )
+            if self.single_attribute not in self.attributes or len(self.attributes) < 2:
+                raise ValueError(
+                    "the study needs >= 2 attributes, single_attribute among them; got "
+                    f"{self.attributes}, {self.single_attribute!r}"
+                )
 
     @property
     def needs_checkpoint(self) -> bool:
@@ -233,7 +280,52 @@ def _vggt1b() -> Preset:
     )
 
 
-PRESETS = {"micro": _micro, "tiny": _tiny, "small": _small, "vggt1b": _vggt1b}
+def _study() -> Preset:
+    # The tiny model and base, with LoRAs trained long enough to leave their initialisation (the
+    # study's gates check it), LoRA r = 16 as the paper, a task with headroom and 32 test scenes.
+    # The regular fine-tuning stage runs zero-shot only; the study's arms do the rest.
+    return _tiny().replace(
+        name="study",
+        data=DataSizes(
+            image_size=56,
+            views=4,
+            pretrain_datasets=8,
+            pretrain_scenes=16,
+            loras_per_attribute=5,
+            lora_scenes=8,
+            task_train_scenes=16,
+            task_test_scenes=32,
+        ),
+        lora=TrainConfig(steps=STUDY_LORA_STEPS, lr=STUDY_LORA_LR, batch_size=2),
+        lora_rank=16,
+        tasks=("microbaseline",),
+        methods=("zero-shot",),
+        study=StudyConfig(),
+        notes="the controlled study of the paper's claims; 2-core CPU, under 45 minutes",
+    )
+
+
+STUDY_LORA_STEPS, STUDY_LORA_LR = 200, 5e-3
+
+PRESETS = {
+    "micro": _micro,
+    "tiny": _tiny,
+    "small": _small,
+    "vggt1b": _vggt1b,
+    "study": _study,
+}
+
+
+def reduced_study() -> Preset:
+    """The study at micro sizes with 2 seeds and 2 random banks (the test suite runs it end to
+    end; the full study keeps 3 of each)."""
+    return _micro().replace(
+        name="study-micro",
+        data=DataSizes(28, 2, 1, 3, 3, 2, 2, 3),
+        tasks=("microbaseline",),
+        methods=("zero-shot",),
+        study=StudyConfig(seeds=2, random_banks=2, permutations=49),
+    )
 
 
 def get_preset(name: str) -> Preset:

@@ -365,6 +365,11 @@ def write_report(out: str | Path) -> Path:
         lines += ["", "## Mined subspaces", "", *_mining_section(info)]
     if info["finetune"]:
         lines += ["", "## Downstream fine-tuning", "", *_downstream_section(info)]
+    from .study_report import study_section
+
+    study = study_section(out)
+    if study:
+        lines += ["", "## Study: a controlled test of the paper's claims", "", *study]
     figure_lines = _figures(info, out)
     if figure_lines:
         lines += ["", "## Figures", "", *(f"{x}\n" for x in figure_lines)]
