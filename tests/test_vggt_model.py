@@ -318,6 +318,43 @@ def _random_bank(model: VGGT, names, k: int) -> attrspace.SubspaceBank:
     return attrspace.SubspaceBank(layers=layers, scale=2.0, orthonormal=True)
 
 
+def test_zero_lora_keeps_every_head_layer_output_and_its_strides():
+    """Bit-identical outputs are not enough on one CPU: a layer whose output comes back with other
+    strides (a channels_last 1 x 1 map turned NCHW) sends the next convolution down another
+    kernel, which rounds differently on other CPUs. So strides must match too, layer by layer."""
+    scene = _box_scene(size=28, focal=26.0)
+    torch.manual_seed(0)
+    model = VGGT(VGGTConfig.tiny(enable_point=False)).eval()
+
+    def record() -> dict[str, tuple]:
+        seen: dict[str, tuple] = {}
+
+        def keep(name: str):
+            def hook(_module, _inputs, out) -> None:
+                seen.setdefault(name, (out.stride(), out.clone()))
+
+            return hook
+
+        hooks = [
+            module.register_forward_hook(keep(name))
+            for name, module in model.depth_head.named_modules()
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))
+        ]
+        with torch.no_grad():
+            model(scene["images"])
+        for hook in hooks:
+            hook.remove()
+        return seen
+
+    before = record()
+    attrspace.inject_lora(model, targets=adaptation_targets(model, "paper-lora").lora, rank=4)
+    after = record()
+    assert "resize_layers.3" in before and before.keys() <= after.keys()  # + lora_A, lora_B
+    for name, (stride, value) in before.items():
+        assert after[name][0] == stride, name
+        assert torch.equal(after[name][1], value), name
+
+
 @pytest.mark.parametrize("kind", ["lora", "subspace"])
 def test_injected_adapters_start_identical_and_train_alone(kind):
     scene = _box_scene(size=28, focal=26.0)
