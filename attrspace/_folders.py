@@ -65,6 +65,8 @@ def folder_lock(folder: Path, lock_file: Path) -> Iterator[None]:
         raise FolderBusyError(
             f"{folder} is in use by {_holder(owner_file)}; wait for it to finish or stop it"
         ) from None
+    except OSError as exc:  # the lock file cannot be created: name the folder it is for
+        raise OSError(exc.errno, f"cannot lock {folder} ({exc.strerror})", str(lock_file)) from exc
     try:
         owner = {
             "pid": os.getpid(),

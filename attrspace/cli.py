@@ -371,7 +371,10 @@ def describe(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a rejected argument (2, already printed)
+        return exc.code if isinstance(exc.code, int) else 2
     prog = f"attrspace {args.command}"
     check = getattr(args, "check", None)
     if check is not None:
