@@ -174,6 +174,7 @@ def test_reduced_study_runs_end_to_end_and_resumes(tmp_path):
     for claim in "abc":
         assert f"**({claim}) " in report
     assert "G1" in report and "bank:shuffled" in report
+    assert (out / "figures" / "study.png").stat().st_size > 0
     assert ws.ran("study")
     again = run_pipeline(reduced_study(), out, progress=False)
     assert again.ran() == []

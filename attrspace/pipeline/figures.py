@@ -140,3 +140,42 @@ def curves_figure(curves: dict[str, dict[str, list[float]]], path: Path) -> Path
     _save(fig, path)
     plt.close(fig)
     return path
+
+
+def study_figure(comparisons: list[dict], similarity: list[list[float]], labels: list[str], path):
+    """Left: each arm's paired test-error difference to the mined bank-only arm with 2 s.e. bars
+    (below zero: the arm is better). Right: cosine similarity of the attribute LoRAs' updates,
+    LoRAs grouped by attribute."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    names = [c["arm"] for c in comparisons]
+    diffs = [c["diff"] for c in comparisons]
+    bars = [2 * c["se"] for c in comparisons]
+    ys = range(len(names))
+    left.errorbar(diffs, ys, xerr=bars, fmt="o", color="black", capsize=3)
+    left.axvline(0.0, color="grey", lw=0.8)
+    left.set_yticks(list(ys), names)
+    left.invert_yaxis()
+    left.set_xlabel("test error: arm − bank:mined (± 2 s.e.)")
+    left.set_title("fine-tuning arms against the mined bank")
+    import numpy as np
+
+    sim = np.array(similarity, dtype=float)
+    np.fill_diagonal(sim, np.nan)  # self-similarity (1) would wash out the colour scale
+    top = float(np.nanmax(np.abs(sim))) if sim.size > 1 else 1.0
+    image = right.imshow(sim, cmap="RdBu_r", vmin=-top, vmax=top)
+    fig.colorbar(image, ax=right, fraction=0.046)
+    edges = [i for i in range(1, len(labels)) if labels[i] != labels[i - 1]]
+    for e in edges:
+        right.axhline(e - 0.5, color="black", lw=0.6)
+        right.axvline(e - 0.5, color="black", lw=0.6)
+    starts = [0, *edges]
+    ends = [*edges, len(labels)]
+    centres = [(s + e - 1) / 2 for s, e in zip(starts, ends, strict=True)]
+    right.set_xticks(centres, [labels[s] for s in starts], rotation=30)
+    right.set_yticks(centres, [labels[s] for s in starts])
+    right.set_title("update similarity between LoRAs (diagonal blank)")
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return path

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import read_json
+from .cache import MARKER, read_json
+from .presets import STUDY_BANKS, STUDY_METHODS
 from .study import RECORD_FILE, STATS_FILE
 from .study_verdict import (
     INIT_ENERGY_MAX,
@@ -39,9 +40,39 @@ def collect_study(out: Path, arms: tuple[str, ...]) -> dict | None:
 
 
 def _arms_from_folders(out: Path) -> tuple[str, ...]:
+    """The arms a study folder holds: the methods in STUDY_METHODS order, then the banks."""
     folder = Path(out) / "study" / "arms"
-    names = sorted(p.name for p in folder.glob("*") if p.is_dir())
-    return tuple(n.replace("bank_", "bank:", 1) if n.startswith("bank_") else n for n in names)
+    names = [p.name for p in folder.glob("*") if p.is_dir()]
+    arms = [n.replace("bank_", "bank:", 1) if n.startswith("bank_") else n for n in names]
+    order = {m: i for i, m in enumerate((*STUDY_METHODS, *(f"bank:{b}" for b in STUDY_BANKS)))}
+    return tuple(sorted(arms, key=lambda a: (order.get(a, len(order)), a)))
+
+
+def _seconds(out: Path) -> dict[str, float]:
+    """Wall seconds of the study's cache units from their markers (as first computed)."""
+    study = Path(out) / "study"
+    times = {}
+    for key, pattern in (("banks", "banks"), ("stats", "stats"), ("arms", "arms/*/seed*")):
+        markers = [p / MARKER for p in study.glob(pattern) if (p / MARKER).exists()]
+        times[key] = sum(read_json(m, ("seconds",))["seconds"] for m in markers)
+        times[f"{key}_units"] = len(markers)
+    return times
+
+
+def _figure(out: Path, info: dict) -> list[str]:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return ["(Study figure skipped: matplotlib is not installed.)"]
+    from .figures import study_figure
+
+    arms = info["arms"]
+    comparisons = [compare(arms, a, "bank:mined") for a in arms if a != "bank:mined"]
+    folder = Path(out) / "figures"
+    folder.mkdir(exist_ok=True)
+    stats = info["stats"]
+    study_figure(comparisons, stats["similarity"], stats["labels"], folder / "study.png")
+    return ["![study](figures/study.png)"]
 
 
 def _pm(c: dict) -> str:
@@ -195,6 +226,12 @@ def study_section(out: Path) -> list[str]:
         ],
         rows,
     )
+    t = _seconds(out)
+    lines += [
+        "",
+        f"Study stage wall times (as first computed): control banks {t['banks']:.1f} s, "
+        f"statistics {t['stats']:.1f} s, {t['arms_units']} fine-tuning runs {t['arms']:.1f} s.",
+    ]
     k = info["banks"]["K"]
     lines += [
         "",
@@ -202,4 +239,5 @@ def study_section(out: Path) -> list[str]:
         + ", ".join(f"{n} {sum(x.values())}" for n, x in k.items())
         + ".",
     ]
+    lines += ["", *_figure(out, info)]
     return lines
