@@ -15,6 +15,7 @@ order, and rank 0 receives the result. FSDP1 is refused (see `check_wrapping`).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -115,8 +116,10 @@ def fully_shard_model(
     One unit per block is what lets FSDP2 gather one block's weights at a time and overlap the
     next gather with compute. Units are sharded innermost first (fully_shard must see a child
     before its parent). Call it after injection and before building the optimizer: fully_shard
-    replaces every parameter by a DTensor shard. mp_policy: e.g.
-    MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32).
+    replaces every parameter by a DTensor shard. mp_policy: e.g. MixedPrecisionPolicy(
+    param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=torch.float32): bf16
+    compute, fp32 master weights (M) and gradient reduction, and, from the root unit only, fp32
+    predictions for the loss (inner units keep their outputs in param_dtype).
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -128,14 +131,15 @@ def fully_shard_model(
     missing = [n for n in names if n not in modules]
     if missing:
         raise ValueError(f"units name no module of the model: {missing}")
-    options = {
-        "mesh": mesh,
-        "mp_policy": MixedPrecisionPolicy() if mp_policy is None else mp_policy,
-        "reshard_after_forward": reshard_after_forward,
-    }
+    policy = MixedPrecisionPolicy() if mp_policy is None else mp_policy
+    # Inner units hand their outputs on in param_dtype: the root's own layers (patch embedding,
+    # norms) compute in param_dtype and refuse a float32 input. output_dtype is for the model's
+    # predictions, so only the root applies it.
+    inner = dataclasses.replace(policy, output_dtype=None)
+    options = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     for name in sorted(names, key=lambda n: n.count("."), reverse=True):
-        fully_shard(modules[name], **options)
-    fully_shard(model, **options)
+        fully_shard(modules[name], mp_policy=inner, **options)
+    fully_shard(model, mp_policy=policy, **options)
     return names
 
 

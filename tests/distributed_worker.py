@@ -201,9 +201,17 @@ def run_fsdp2(rank: int, world: int, out_dir: str) -> dict:
 def run_fsdp2_bf16(rank: int, world: int, out_dir: str) -> dict:
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=torch.float32
+    )
     model = _fsdp2(mp_policy=policy)
-    return train(model, *_shard(rank, world), steps=1)
+    x, y = _shard(rank, world)
+    result = train(model, x, y, steps=1)
+    # The root returns fp32 predictions while the head (root unit) still computes in bf16 on the
+    # bf16 output of the last block unit: output_dtype is applied by the root only.
+    with torch.no_grad():
+        result["output_dtype"] = model(x).dtype
+    return result
 
 
 SCENARIOS = {

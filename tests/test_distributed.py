@@ -97,6 +97,7 @@ def test_fsdp2_fp32_steps_equal_one_process(runs, ref):
 
 def test_fsdp2_bf16_policy_keeps_fp32_master_m(runs, ref):
     got, bf16, fp32 = runs["fsdp2_bf16"], ref["bf16"], ref["fp32_one_step"]
+    assert got["output_dtype"] == torch.float32
     for name, (dtype, grad_dtype) in got["dtypes"].items():
         assert dtype == torch.float32 and grad_dtype == torch.float32, name
     # bf16 tolerance, flash-attention's rule: against the fp32 gradients, FSDP2's bf16 run may be
