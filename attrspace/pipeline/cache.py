@@ -27,7 +27,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -180,18 +179,23 @@ def is_done(folder: Path, expected: str, say: Callable[[str], None] = _warn) -> 
 
 def clear_marker(folder: Path) -> None:
     """Before a stage is redone: remove the marker (first, so a kill from here on leaves a folder
-    that is not done), then every other entry of the folder except hidden files (a lock) and
-    nested stage folders."""
+    that is not done), then every other output of the folder: hidden files (a lock) and nested
+    stage folders, at any depth, stay."""
     folder = Path(folder)
     (folder / MARKER).unlink(missing_ok=True)
-    if not folder.is_dir():
-        return
-    for path in folder.iterdir():
+    if folder.is_dir():
+        _remove_outputs(folder)
+
+
+def _remove_outputs(directory: Path) -> None:
+    for path in directory.iterdir():
         if path.name.startswith("."):
             continue
         if path.is_dir() and not path.is_symlink():
             if not (path / MARKER).exists():
-                shutil.rmtree(path)
+                _remove_outputs(path)
+                if not any(path.iterdir()):
+                    path.rmdir()
         else:
             path.unlink()
 
