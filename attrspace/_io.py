@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -44,6 +45,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates 0600; give the file the mode an open() would (0666 less the umask).
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -54,8 +57,27 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def canonical_header(data: bytes) -> bytes:
+    """The same safetensors bytes with the header's keys sorted. safetensors writes metadata in
+    hash-map order, which changes from process to process, so equal tensors written by two
+    processes would differ in bytes (and in checksum) without this."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    text = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    if len(text) > size:  # cannot happen for the same keys and values; never corrupt a file
+        return data
+    return data[:8] + text.ljust(size, b" ") + data[8 + size :]
+
+
 def atomic_save_safetensors(
     tensors: dict[str, Tensor], metadata: dict[str, str] | None, path: Path
 ) -> None:
-    """Write tensors (and string metadata) as a safetensors file, atomically."""
-    atomic_write_bytes(Path(path), save(tensors, metadata=metadata))
+    """Write tensors (and string metadata) as a safetensors file, atomically, with a canonical
+    header (equal contents give equal bytes in every process)."""
+    atomic_write_bytes(Path(path), canonical_header(save(tensors, metadata=metadata)))
