@@ -228,12 +228,13 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
     inner = unwrap(model)
     # get_model_state_dict gathers one tensor at a time and keeps it on rank 0 only (cpu_offload),
     # so a 1B model never needs a full copy in every rank's memory. Its keys are plain names;
-    # export reads the model's own (raw) names, so map them back.
+    # export looks tensors up by module names, wrapper segments included, so map them back.
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     gathered = get_model_state_dict(inner, options=options)
     if _rank() != 0:
         return {}
-    raw = {clean_name(k): k for k in inner.state_dict()}
+    named = [*inner.named_parameters(remove_duplicate=False), *inner.named_buffers()]
+    raw = {clean_name(n): n for n, _ in named}
     full = {raw.get(k, k): v for k, v in gathered.items()}
     return _plain_keys(collect_merged_state(inner, full))
 

@@ -8,6 +8,7 @@ each; the tests here compare what rank 0 saved with the single-process reference
 from __future__ import annotations
 
 import copy
+import time
 
 import distributed_worker as worker
 import pytest
@@ -29,7 +30,15 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    mp.spawn(worker.worker, (2, str(out)), nprocs=2)
+    ranks = mp.start_processes(worker.worker, (2, str(out)), nprocs=2, join=False)
+    # A collective that one rank never enters would hang both forever: give up after 10 minutes
+    # (a normal run takes well under one) instead of stalling the whole suite.
+    deadline = time.monotonic() + 600
+    while not ranks.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail("the 2-rank run did not finish within 600 s (a rank is stuck)")
     results = torch.load(out / "results.pt", weights_only=False)
     results["dir"] = out
     return results
@@ -224,3 +233,27 @@ def test_fully_shard_model_refuses_bad_units():
         adist.fully_shard_model(nn.Sequential(nn.Linear(4, 4)))
     with pytest.raises(ValueError, match=r"blocks\.7"):
         adist.fully_shard_model(worker.build(), units=["blocks.7"])
+
+
+def _checkpoint_wrapped() -> nn.Module:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    model = worker.build()
+    model.blocks[0] = checkpoint_wrapper(model.blocks[0])
+    return model
+
+
+def test_merged_state_dict_drops_wrapper_names():
+    wrapped, plain = _checkpoint_wrapped(), worker.build()
+    assert any("_checkpoint_wrapped_module" in n for n, _ in wrapped.named_modules())
+    got, want = adist.merged_state_dict(wrapped), adist.merged_state_dict(plain)
+    assert list(got) == list(want)
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key
+    assert list(adist.full_adapter_state(wrapped)) == list(adist.full_adapter_state(plain))
+
+
+def test_save_adapter_refuses_names_peft_would_not_find(tmp_path):
+    with pytest.raises(ValueError, match=r"blocks\.0\._checkpoint_wrapped_module\.attn\.qkv"):
+        adist.save_adapter(_checkpoint_wrapped(), tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
