@@ -6,8 +6,10 @@ FSDP2 shards every parameter into a DTensor, so code that reads whole tensors (e
 gather them first; the helpers below do that, collectively: EVERY rank calls them, in the same
 order, and rank 0 receives the result. FSDP1 is refused (see `check_wrapping`).
 
-    fully_shard_model(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16,
-                                                       reduce_dtype=torch.float32))
+    policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=torch.float32
+    )
+    fully_shard_model(model, mp_policy=policy)   # after injection, before the optimizer
     ... train ...
     save_adapter(model, "adapter/")          # all ranks; rank 0 writes a plain peft folder
     state = merged_state_dict(model)         # all ranks; rank 0 gets the plain, folded state dict
@@ -150,9 +152,10 @@ def _full(t: Tensor) -> Tensor:
 
 
 def _gather_adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
-    """Every adapter tensor (U, V, M, lora_A/B weights) in full, as CPU tensors on rank 0, under
-    its key in `unwrap(model).state_dict()`; {} on other ranks. Collective: one all-gather per
-    DTensor, in module order, which is the same on every rank."""
+    """Every adapter tensor (U, V, M, lora_A/B weights) in full, as CPU tensors on rank 0, keyed
+    `<module name>.<tensor name>` with module names as `unwrap(model).named_modules()` gives them
+    (what attrspace.export looks up); {} on other ranks. Collective: one all-gather per DTensor,
+    in module order, which is the same on every rank."""
     keep = _rank() == 0
     out = {}
     for name, m in unwrap(model).named_modules():
@@ -266,17 +269,17 @@ def save_adapter(
         )
     tensors = _gather_adapter_tensors(model)
     folder = Path(folder)
-    error = None
+    error, cause = None, None
     if _rank() == 0:
         try:
             adapter = collect_peft_adapter(inner, tensors, base_model_name_or_path)
             write_peft_adapter(adapter, folder)
         except Exception as exc:  # reported to every rank below, then raised
-            error = f"{type(exc).__name__}: {exc}"
+            error, cause = f"{type(exc).__name__}: {exc}", exc
     if dist.is_available() and dist.is_initialized():
         message = [error]
         dist.broadcast_object_list(message, src=0)  # also the barrier: rank 0 has finished
         error = message[0]
     if error is not None:
-        raise RuntimeError(f"save_adapter: rank 0 could not write {folder}: {error}")
+        raise RuntimeError(f"save_adapter: rank 0 could not write {folder}: {error}") from cause
     return folder
