@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import sys
@@ -12,6 +13,7 @@ import torch
 
 from attrspace._folders import folder_lock
 
+from . import ranks
 from .cache import StageFileError, read_json, write_json_atomic
 from .finetune import finetune_stage
 from .mining import mine_stage
@@ -87,26 +89,30 @@ def run_stages(ws: Workspace, until: str = "finetune") -> dict:
         raise ValueError(f"unknown stage {until!r}; choose one of {STAGES}")
     last = STAGES.index(until)
     out: dict = {}
+    # Under torchrun the ranks split the LoRA jobs (attrspace.pipeline.ranks); one-job stages run on
+    # rank 0 and the other ranks read their cached results.
     with torch_threads(ws.preset.threads):
         ws.say(f"[1/5] render ({ws.out / 'data'})")
-        out["data"] = render_stage(ws)
+        out["data"] = ranks.run_on_leader(render_stage, ws)
         if last >= 1:
             ws.say("[2/5] base model")
-            out["base"] = pretrain_stage(ws)
+            out["base"] = ranks.run_on_leader(pretrain_stage, ws)
         if last >= 2:
             ws.say("[3/5] attribute LoRAs")
-            out["loras"] = lora_stage(ws, out["base"])
+            out["loras"] = ranks.run_spread(lora_stage, ws, out["base"])
         if last >= 3:
             ws.say("[4/5] mining")
-            out["mine"] = mine_stage(ws, out["base"], out["loras"])
+            out["mine"] = ranks.run_on_leader(mine_stage, ws, out["base"], out["loras"])
         if last >= 4:
             ws.say("[5/5] fine-tuning")
-            out["finetune"] = finetune_stage(ws, out["base"], out["mine"])
+            out["finetune"] = ranks.run_on_leader(finetune_stage, ws, out["base"], out["mine"])
         if last >= 4 and ws.preset.study is not None:
             from .study import study_stage
 
             ws.say("[5/5] study: control banks, statistics, arms x seeds")
-            out["study"] = study_stage(ws, out["base"], out["loras"], out["mine"])
+            out["study"] = ranks.run_on_leader(
+                study_stage, ws, out["base"], out["loras"], out["mine"]
+            )
     return out
 
 
@@ -163,20 +169,25 @@ def run_pipeline(
     FolderBusyError naming the holder."""
     if not str(out).strip():
         raise RunInputError("the run folder must be named (got an empty path)")
-    ws = Workspace(Path(out), preset, checkpoint, loras_dir, progress)
-    prepare_run_folder(ws.out)
-    with run_folder_lock(ws.out):
-        started, load_before = time.time(), _load()
-        tick = time.perf_counter()
-        run_stages(ws, until)
-        entry = record_run(ws, command, started, load_before, time.perf_counter() - tick)
-        if report and until == "finetune":
-            from .report import write_report
+    with ranks.process_group():
+        leader = ranks.is_leader()
+        ws = Workspace(Path(out), preset, checkpoint, loras_dir, progress and leader)
+        prepare_run_folder(ws.out)
+        # Rank 0 holds the lock for the whole job; the other ranks write only the jobs it hands them.
+        with run_folder_lock(ws.out) if leader else contextlib.nullcontext():
+            started, load_before = time.time(), _load()
+            tick = time.perf_counter()
+            run_stages(ws, until)
+            if not leader:
+                return ws
+            entry = record_run(ws, command, started, load_before, time.perf_counter() - tick)
+            if report and until == "finetune":
+                from .report import write_report
 
-            path = write_report(ws.out)
-            ws.say(f"report: {path}")
-    ws.say(
-        f"{command}: {entry['wall_seconds']:.1f} s ({len(entry['ran'])} pieces of work done, "
-        f"{len(entry['cached'])} from the cache)"
-    )
+                path = write_report(ws.out)
+                ws.say(f"report: {path}")
+        ws.say(
+            f"{command}: {entry['wall_seconds']:.1f} s ({len(entry['ran'])} pieces of work done, "
+            f"{len(entry['cached'])} from the cache)"
+        )
     return ws

@@ -22,6 +22,7 @@ from attrspace.models.vggt.params import adaptation_targets
 from attrspace.peft_io import CONFIG_NAME, WEIGHTS_NAME, save_peft
 from attrspace.train.trainer import TrainConfig, TrainLog, train
 
+from . import ranks
 from ._io import save_weights
 from .cache import (
     clear_marker,
@@ -194,12 +195,16 @@ def lora_stage(ws: Workspace, base: str) -> dict[str, list[Path]]:
         return _external_loras(ws)
     preset = ws.preset
     folders: dict[str, list[Path]] = {}
+    jobs = 0
     for a in preset.attributes:
         folders[a] = []
         family_digest = data_digest(ws, a)
         for name in ws.dataset_names(a):
             folder = ws.out / "loras" / a / name
             folders[a].append(folder)
+            jobs += 1
+            if ranks.skip(jobs - 1):  # another rank's job under torchrun
+                continue
             seed = derived_seed(preset.seed, "lora", a, name)
             expected = digest(
                 "lora",
@@ -214,6 +219,7 @@ def lora_stage(ws: Workspace, base: str) -> dict[str, list[Path]]:
             if is_done(folder, expected):
                 ws.record(f"loras/{a}/{name}", "cached")
                 continue
+            ranks.claim(folder)
             clear_marker(folder)
             start = time.perf_counter()
             model = ws.load_base(base)

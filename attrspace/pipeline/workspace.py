@@ -4,6 +4,7 @@ cache, progress bars, the base model's source and a log of what ran and what cam
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,6 +70,8 @@ class Workspace:
                 f"preset {self.preset.name!r} runs on CUDA and this machine has no CUDA device; "
                 "pass --device cpu"
             )
+        if wanted == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per torchrun process
+            return torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
         return torch.device(wanted)
 
     def bar(self, total: int, desc: str):

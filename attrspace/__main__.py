@@ -1,0 +1,7 @@
+"""`python -m attrspace ...` is the `attrspace` command (and `torchrun ... -m attrspace run ...`)."""
+
+import sys
+
+from attrspace.cli import main
+
+sys.exit(main())

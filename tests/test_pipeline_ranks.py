@@ -1,0 +1,66 @@
+"""`torchrun --nproc_per_node=2 -m attrspace run` spreads the pipeline's jobs over two processes and
+gives what one process gives: every weight file byte for byte, every metric equal but for timings."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TIMING_KEYS = {"seconds", "step_ms", "train_seconds", "wall_seconds", "started", "finished"}
+
+
+def run(command: list[str], out: Path, port: int) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port)}
+    result = subprocess.run(
+        [*command, "run", "--preset", "micro", "--out", str(out), "--quiet"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def without_timings(obj):
+    if isinstance(obj, dict):
+        return {k: without_timings(v) for k, v in obj.items() if k not in TIMING_KEYS}
+    if isinstance(obj, list):
+        return [without_timings(v) for v in obj]
+    return obj
+
+
+def files(root: Path, pattern: str) -> dict[str, Path]:
+    return {str(p.relative_to(root)): p for p in sorted(root.rglob(pattern))}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ranks")
+    single, spread = root / "single", root / "spread"
+    run([sys.executable, "-m", "attrspace"], single, 29500)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    run([*torchrun, "--master_port=29617", "-m", "attrspace"], spread, 29617)
+    return single, spread
+
+
+def test_two_ranks_write_the_same_weights(runs):
+    single, spread = runs
+    a, b = files(single, "*.safetensors"), files(spread, "*.safetensors")
+    assert a.keys() == b.keys() and any(k.startswith("loras/") for k in a)
+    assert [k for k in a if a[k].read_bytes() != b[k].read_bytes()] == []
+
+
+def test_two_ranks_give_the_same_metrics_and_one_run_log(runs):
+    single, spread = runs
+    a, b = files(single, "metrics.json"), files(spread, "metrics.json")
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert without_timings(json.loads(a[key].read_text())) == without_timings(
+            json.loads(b[key].read_text())
+        ), key
+    log = json.loads((spread / "runs.json").read_text())["runs"]
+    assert len(log) == 1  # only rank 0 records the run
+    assert (spread / "report.md").is_file()
