@@ -66,6 +66,20 @@ def _check_basis(name: str, t: Tensor, rows: int, rank: int | None, layer: str) 
         raise ValueError(f"{name} for {layer} holds NaN or Inf")
 
 
+def _refuse_sharded(module: nn.Module, what: str) -> None:
+    """merge / delta_weight need whole tensors; FSDP2 holds shards (DTensor) of them."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in module.parameters(recurse=True)):
+        raise RuntimeError(
+            f"{what} needs whole tensors, but this layer is sharded by FSDP2 (DTensor parameters); "
+            "use attrspace.distributed.merged_state_dict(model) or save_adapter(model, folder), "
+            "which gather them first"
+        )
+
+
 def _frozen(t: Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
@@ -194,6 +208,7 @@ class SubspaceLinear(nn.Linear):
     @torch.no_grad()
     def delta_weight(self) -> Tensor:
         """scale * U M V^T: (out_features, in_features), in float32 (float64 for float64 layers)."""
+        _refuse_sharded(self, "delta_weight")
         acc = self.M.dtype if self.M.dtype == torch.float64 else torch.float32
         return self.scale * (self.U.to(acc) @ self.M.to(acc) @ self.V.to(acc).t())
 
@@ -206,6 +221,7 @@ class SubspaceLinear(nn.Linear):
         """
         if self.merged:
             raise RuntimeError("layer is already merged")
+        _refuse_sharded(self, "merge")
         original = self.weight.detach().clone()
         delta = self.delta_weight()
         self.weight.copy_((original.to(delta.dtype) + delta).to(original.dtype))
@@ -301,6 +317,7 @@ class LoRALinear(nn.Linear):
     @torch.no_grad()
     def delta_weight(self) -> Tensor:
         """scaling * B A: (out_features, in_features) in float32."""
+        _refuse_sharded(self, "delta_weight")
         return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
 
     def extra_repr(self) -> str:
@@ -357,6 +374,7 @@ class LoRAConv2d(nn.Conv2d):
     @torch.no_grad()
     def delta_weight(self) -> Tensor:
         """scaling * B A as one kernel (out, in, kh, kw) in float32: B is 1x1, so it composes with A."""
+        _refuse_sharded(self, "delta_weight")
         b = self.lora_B.weight.flatten(1).float()
         a = self.lora_A.weight.flatten(1).float()
         return (self.scaling * (b @ a)).reshape(self.weight.shape)

@@ -195,7 +195,29 @@ def run_fsdp2(rank: int, world: int, out_dir: str) -> dict:
     result["adapter_state"] = adist.full_adapter_state(model)
     result["merged"] = adist.merged_state_dict(model)
     result.update(_save(model, out_dir, "adapter_fsdp2", world))
+    result["refusals"] = _refusals_on_shards(model)
     return result
+
+
+def _refusals_on_shards(model: nn.Module) -> dict[str, str]:
+    """merge / delta_weight / uninject(merge=True) on sharded layers: their error messages, and
+    whether the model was left as it was."""
+    from attrspace import uninject
+
+    layer = model.blocks[0].attn.qkv
+    messages = {}
+    for name, call in (
+        ("merge", layer.merge),
+        ("delta_weight", layer.delta_weight),
+        ("uninject", lambda: uninject(model, merge=True)),
+    ):
+        try:
+            call()
+            messages[name] = "no error"
+        except RuntimeError as exc:
+            messages[name] = str(exc)
+    messages["still_adapted"] = type(model.blocks[0].attn.qkv).__name__
+    return messages
 
 
 def run_fsdp2_bf16(rank: int, world: int, out_dir: str) -> dict:

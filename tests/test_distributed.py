@@ -104,6 +104,13 @@ def test_fsdp2_fp32_steps_equal_one_process(runs, ref):
     _assert_same_training(runs["fsdp2"], ref["fp32"], FP32_RTOL)
 
 
+def test_merge_on_shards_points_to_the_gathering_helpers(runs):
+    refusals = runs["fsdp2"]["refusals"]
+    for call in ("merge", "delta_weight", "uninject"):
+        assert "merged_state_dict" in refusals[call], (call, refusals[call])
+    assert refusals["still_adapted"] == "SubspaceLinear"
+
+
 def test_fsdp2_bf16_policy_keeps_fp32_master_m(runs, ref):
     got, bf16, fp32 = runs["fsdp2_bf16"], ref["bf16"], ref["fp32_one_step"]
     assert got["output_dtype"] == torch.float32
