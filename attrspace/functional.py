@@ -11,6 +11,8 @@ are parameters and buffers, not activations). Standard LoRA must keep x for dA.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -115,7 +117,9 @@ def subspace_linear(
     with every reason when an explicitly requested backend cannot run the inputs.
     """
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    # Devices without autocast (meta, where whole-model memory is counted) skip both autocast steps.
+    autocast = torch.amp.is_autocast_available(device_type)
+    if autocast and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         x, weight, U, V = (t.to(dtype) for t in (x, weight, U, V))
         bias = bias.to(dtype) if bias is not None else None
@@ -123,6 +127,6 @@ def subspace_linear(
     if not torch.compiler.is_compiling():
         backends.preload(backend)
     name = backends.select(backend, x, weight, M.shape[0])
-    with torch.autocast(device_type, enabled=False):
+    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
         y = SubspaceLinearFn.apply(x, weight, bias, U, V, M, float(scale), name)
     return y, name

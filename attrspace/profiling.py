@@ -9,8 +9,11 @@ import torch
 from torch import Tensor, nn
 
 
-def _storage_key(t: Tensor) -> tuple[str, int]:
-    return (str(t.device), t.untyped_storage().data_ptr())
+def storage_key(t: Tensor) -> tuple[str, int]:
+    """Identifies the storage under `t` (views share it). Meta tensors all report data_ptr 0, so
+    there the storage object's own address tells them apart."""
+    storage = t.untyped_storage()
+    return (str(t.device), storage._cdata if t.device.type == "meta" else storage.data_ptr())
 
 
 def saved_tensor_records(
@@ -21,12 +24,12 @@ def saved_tensor_records(
     Tensors sharing storage with anything in `exclude` (a model's parameters and buffers: they are not
     activations) are skipped; storages saved twice are counted once. Returns (shape, dtype, bytes).
     """
-    excluded = {_storage_key(t) for t in exclude}
+    excluded = {storage_key(t) for t in exclude}
     seen: set[tuple[str, int]] = set()
     records = []
 
     def pack(t: Tensor):
-        key = _storage_key(t)
+        key = storage_key(t)
         if key not in excluded and key not in seen:
             seen.add(key)
             records.append((tuple(t.shape), t.dtype, t.untyped_storage().nbytes()))
