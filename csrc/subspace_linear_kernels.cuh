@@ -34,6 +34,9 @@ __device__ __forceinline__ FusedGemmArgs pack_args(ATTRSPACE_KERNEL_PARAMS) {
   return args;
 }
 
+// One resident block per SM is asked of ptxas, not two: two cap a thread at 128 registers, and the
+// tensor-core tiles then spill 36-40 bytes per thread inside the main loop (ptxas -v, sm_80 and
+// sm_90); with one they take 168 registers and spill nothing (tests/test_static_kernels.py).
 #define ATTRSPACE_PACKED \
   pack_args(a, b_main, b_proj, bias, e, out, proj32, proj, schedule, m, n, kd, rank)
 
@@ -41,11 +44,11 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     attrspace_forward_f32(ATTRSPACE_KERNEL_PARAMS) {
   simt::fused_tile<kNK>(ATTRSPACE_PACKED);
 }
-extern "C" __global__ void __launch_bounds__(kThreads, 2)
+extern "C" __global__ void __launch_bounds__(kThreads, 1)
     attrspace_forward_f16(ATTRSPACE_KERNEL_PARAMS) {
   tc::fused_tile<__half, kNK>(ATTRSPACE_PACKED);
 }
-extern "C" __global__ void __launch_bounds__(kThreads, 2)
+extern "C" __global__ void __launch_bounds__(kThreads, 1)
     attrspace_forward_bf16(ATTRSPACE_KERNEL_PARAMS) {
   tc::fused_tile<__nv_bfloat16, kNK>(ATTRSPACE_PACKED);
 }
@@ -53,11 +56,11 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     attrspace_backward_f32(ATTRSPACE_KERNEL_PARAMS) {
   simt::fused_tile<kKN>(ATTRSPACE_PACKED);
 }
-extern "C" __global__ void __launch_bounds__(kThreads, 2)
+extern "C" __global__ void __launch_bounds__(kThreads, 1)
     attrspace_backward_f16(ATTRSPACE_KERNEL_PARAMS) {
   tc::fused_tile<__half, kKN>(ATTRSPACE_PACKED);
 }
-extern "C" __global__ void __launch_bounds__(kThreads, 2)
+extern "C" __global__ void __launch_bounds__(kThreads, 1)
     attrspace_backward_bf16(ATTRSPACE_KERNEL_PARAMS) {
   tc::fused_tile<__nv_bfloat16, kKN>(ATTRSPACE_PACKED);
 }

@@ -29,6 +29,62 @@ DTYPES = (torch.float32, torch.float64)
 MAX_COLS = 64
 
 
+def _cholesky_tiles(block_l: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_R, warps) of a cholesky_qr program: enough threads that the two float64 tiles fit in
+    registers. ptxas for sm_90 at BLOCK_L = 64 (3 passes): BLOCK_R 64 with 4 warps spills 756 B per
+    thread (fp32 Y), 8 warps 192 B; BLOCK_R 32 with 16 warps nothing for fp32 Y, and for fp64 Y
+    16 warps (128 registers a thread at most) spill 48 B where 8 warps do not."""
+    if INTERPRET:
+        return 32, 4
+    if block_l < 64:
+        return 64, 4
+    return 32, (16 if dtype == torch.float32 else 8)
+
+
+# What tests/test_static_kernels.py compiles ahead of time (kernels/_aot.py): (kernel, argument
+# types, argument values, constexprs, warps, stages) as the launchers below use them at the largest
+# tiles, for a batch of (1024, 64) matrices.
+_FLOATS = {"shift_coef": "fp32", "breakdown": "fp32"}
+_QR_VALUES = {
+    "R": 1024,
+    "L": 64,
+    "stride_sb": 65536,
+    "stride_sr": 64,
+    "stride_sl": 1,
+    "stride_db": 65536,
+    "stride_dr": 64,
+    "stride_dl": 1,
+}
+_BMM_VALUES = {
+    "M": 64,
+    "K": 1024,
+    "L": 64,
+    "stride_ab": 65536,
+    "stride_am": 1,
+    "stride_ak": 64,
+    "stride_xb": 65536,
+    "stride_xk": 64,
+    "stride_xl": 1,
+    "stride_ob": 4096,
+    "stride_om": 64,
+    "stride_ol": 1,
+}  # a^T x: the Gram matrix of (1024, 64) matrices
+STATIC_CONFIGS = [
+    *(
+        ("rsvd:_cholesky_qr_kernel",
+         {"src_ptr": f"*{t}", "dst_ptr": f"*{t}", "broke_ptr": "*i32", **_FLOATS}, _QR_VALUES,
+         {"PASSES": 3, "BLOCK_R": _cholesky_tiles(bl, dt)[0], "BLOCK_L": bl},
+         _cholesky_tiles(bl, dt)[1], 1)
+        for t, dt in (("fp32", torch.float32), ("fp64", torch.float64)) for bl in (32, 64)
+    ),
+    *(
+        ("rsvd:_bmm_kernel", {"a_ptr": f"*{t}", "x_ptr": f"*{t}", "out_ptr": f"*{t}"},
+         _BMM_VALUES, {"BLOCK_M": bm, "BLOCK_K": 32, "BLOCK_L": 64}, 4, 3)
+        for t, bm in (("fp32", 64), ("fp64", 32))
+    ),
+]  # fmt: skip
+
+
 @triton.jit
 def _bmm_kernel(
     a_ptr, x_ptr, out_ptr, M, K, L,
@@ -193,12 +249,14 @@ def cholesky_qr(y: Tensor, passes: int) -> Tensor:
         return out
     eps = torch.finfo(torch.float64).eps
     shift_coef = 11.0 * (r * cols + cols * (cols + 1)) * eps
+    block_l = _pow2_at_least_16(cols)
+    block_r, warps = _cholesky_tiles(block_l, y.dtype)
     _cholesky_qr_kernel[(batch,)](
         y, out, broke, r, cols,
         *y.stride(),
         *out.stride(),
         shift_coef, 64 * eps,
-        PASSES=passes, BLOCK_R=32 if INTERPRET else 64, BLOCK_L=_pow2_at_least_16(cols),
+        PASSES=passes, BLOCK_R=block_r, BLOCK_L=block_l, num_warps=warps,
     )  # fmt: skip
     failed = broke != 0
     if bool(failed.any()):

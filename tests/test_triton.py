@@ -227,8 +227,8 @@ def test_small_bf16_update_survives_rounding():
 
 def test_compiled_layer_on_the_triton_backend_matches_eager():
     """The Triton launchers are custom ops: torch.compile(fullgraph=True) traces through them."""
-    t = layer_inputs(24, 40, 32, 8, seed=11)
-    linear = torch.nn.Linear(40, 32)
+    t = layer_inputs(24, 40, 32, 8, seed=11, device=DEVICE)
+    linear = torch.nn.Linear(40, 32, device=DEVICE)
     with torch.no_grad():
         linear.weight.copy_(t["weight"])
         linear.bias.copy_(t["bias"])
@@ -251,10 +251,10 @@ def test_compiled_layer_on_the_triton_backend_matches_eager():
 def test_triton_custom_ops_pass_opcheck():
     from attrspace.backends import triton_backend as _triton_backend
 
-    t = layer_inputs(9, 20, 12, 4, seed=12)
+    t = layer_inputs(9, 20, 12, 4, seed=12, device=DEVICE)
     P = t["U"] @ t["M"]
     torch.library.opcheck(_triton_backend._forward_op, (t["x"], t["weight"], t["bias"], t["V"], P))
-    dy = torch.randn(9, 12)
+    dy = torch.randn(9, 12, device=DEVICE)
     Q = t["V"] @ t["M"].t()
     for need_dx in (True, False):
         torch.library.opcheck(_triton_backend._backward_op, (dy, t["weight"], t["U"], Q, need_dx))
