@@ -2,8 +2,9 @@
 
 The fused kernel (kernels/subspace_linear.py) runs two kinds of programs with the same BLOCK_M / BLOCK_R:
 side programs (BLOCK_M x K_PAD tiles of z = x V or g = dy U) and output programs (BLOCK_M x BLOCK_N tiles
-of y or dx). Every GPU config was compiled for sm_80 and sm_90 with Triton 3.7 and ptxas (no GPU needed):
-in bf16 at K_PAD = 64 all are software-pipelined (cp.async, wgmma on sm_90) without register spills;
+of y or dx). Every GPU config that configs_for keeps is compiled for sm_80 and sm_90a with Triton 3.7 and
+ptxas in CI (tests/test_static_kernels.py, no GPU needed): at K_PAD = 64 all are software-pipelined
+(cp.async, wgmma on sm_90a) without register spills;
 128 x 256 x 64 with 3 stages takes 144 KiB of shared memory on sm_90 and 96 KiB on sm_80. Where a config
 does not fit a device (fp16 at K_PAD = 128 and 128 x 256 needs 192 KiB on sm_80, over an A100's 164 KiB)
 it fails to launch and the autotuner skips it; the last config fits everywhere.
@@ -46,17 +47,29 @@ else:
     ]
 
 
-def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
-    """The configs worth timing for these arguments.
+def configs_for(dtype: torch.dtype, capability: tuple[int, int]) -> list:
+    """The configs worth timing for inputs of `dtype` on a GPU of compute `capability`.
 
-    fp32 inputs multiply on the FMA units ("ieee" precision), where an accumulator beyond 64 x 64 spills
-    registers (ptxas for sm_90: 2.6 KiB per thread at 128 x 128, 10 KiB at 128 x 256) and takes up to a
-    minute to compile, so fp32 keeps only the small tiles.
+    fp32 inputs multiply on the FMA units ("ieee" precision), where an accumulator beyond 64 x 64
+    spills registers and takes up to a minute to compile, so fp32 keeps only the small tiles. Before
+    Hopper the 128 x 256 tile spills (ptxas for sm_80: 16 B per thread in bf16, 228 B in fp16 with
+    its tf32 adapter term; it takes wgmma's register-free operands to fit), so sm_80 drops it.
+    tests/test_static_kernels.py compiles exactly these.
     """
-    if named_args["a_ptr"].dtype == torch.float32:
-        small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
-        return small or configs[-1:]
-    return configs
+    configs = CONFIGS
+    if dtype == torch.float32:
+        configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    elif capability < (9, 0):
+        configs = [c for c in configs if c.kwargs["BLOCK_N"] < 256]
+    return configs or CONFIGS[-1:]
+
+
+def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
+    """Autotuner hook: configs_for the arguments' dtype and device."""
+    a = named_args["a_ptr"]
+    capability = torch.cuda.get_device_capability(a.device) if a.is_cuda else (9, 0)
+    keep = configs_for(a.dtype, capability)
+    return [c for c in configs if c in keep] or configs[-1:]
 
 
 # No config has fewer row blocks than cdiv(T, MIN_BLOCK_M), so that many ready flags serve every config.

@@ -1,0 +1,211 @@
+"""Ahead-of-time compiles of the Triton kernels for a GPU that is not here, and what ptxas says of them.
+
+triton.compile with a GPUTarget runs the whole pipeline down to SASS on a CPU-only machine (Triton's
+bundled ptxas). For each compile this reports the PTX target, the MMA instructions in the PTX (wgmma
+on sm_90a, mma.sync on sm_80), registers, spill bytes (ptxas -v), dynamic shared memory against the
+architecture's limit, and SASS instructions per tensor-core MMA. The tests (tests/test_static_kernels.py)
+and bench/RESULTS.md read these figures.
+
+Must run with TRITON_INTERPRET unset (an interpreted @triton.jit has no compiler); `python -m
+attrspace.kernels._aot` prints every figure as JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import subprocess
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# Per-block dynamic shared memory an SM can give one program (CUDA programming guide, table of
+# compute capabilities): 227 KiB on sm_90, 163 KiB on sm_80 (A100).
+SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
+ARCHS = (90, 80)
+
+
+@dataclass
+class Figures:
+    kernel: str
+    arch: int
+    config: str
+    target: str  # the PTX .target line, e.g. sm_90a
+    wgmma: int  # wgmma.mma_async in the PTX
+    mma_sync: int  # mma.sync in the PTX
+    registers: int
+    spill_stores: int  # bytes, ptxas -v
+    spill_loads: int
+    shared: int  # bytes of dynamic shared memory
+    shared_limit: int
+    sass: int  # SASS instructions of the kernel
+    sass_mma: int  # tensor-core MMAs among them (HGMMA, HMMA, DMMA, ...)
+
+
+def _bin(tool: str) -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / tool)
+
+
+def _specialise(fn, types: dict[str, str], values: dict[str, int], constexprs: dict):
+    """Signature, constants and attributes as a launch with these argument values would give them:
+    Triton makes an integer argument equal to 1 a constant and marks one divisible by 16 (and every
+    pointer: torch allocations are aligned) with tt.divisibility 16, which decides vector widths."""
+    constants = dict(constexprs)
+    constants.update({k: 1 for k, v in values.items() if v == 1})
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constants:
+            sig[name] = "constexpr"
+            continue
+        sig[name] = types.get(name, "i32")
+        pointer = sig[name].startswith("*")
+        if pointer or (sig[name] == "i32" and name in values and values[name] % 16 == 0):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    missing = [n for n, t in sig.items() if t == "i32" and n not in values]
+    if missing:
+        raise ValueError(f"{fn.__name__}: no value given for integer arguments {missing}")
+    return sig, {(fn.arg_names.index(k),): v for k, v in constants.items()}, attrs
+
+
+def compile_one(
+    kernel: str, types: dict, values: dict, constexprs: dict, warps: int, stages: int, arch: int
+) -> Figures:
+    """Compile `kernel` ("module:function" under attrspace.kernels) for sm_<arch> and read it.
+    types: Triton types of the pointer and float arguments ("*bf16", "fp32"); the rest are i32,
+    specialised on `values`, their values at a representative launch (see _specialise)."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    module, name = kernel.split(":")
+    jit = getattr(importlib.import_module(f"attrspace.kernels.{module}"), name)
+    fn = jit if isinstance(jit, triton.runtime.jit.JITFunction) else getattr(jit, "fn", None)
+    if not isinstance(fn, triton.runtime.jit.JITFunction):  # under @triton.autotune: jit.fn
+        raise RuntimeError(f"{kernel} is interpreted (TRITON_INTERPRET=1); compile it without")
+    signature, constants, attrs = _specialise(fn, types, values, constexprs)
+    src = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
+    log = io.StringIO()
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache  # a fresh cache: ptxas runs and its log is printed
+        os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(
+                src,
+                target=GPUTarget("cuda", arch, 32),
+                options={"num_warps": warps, "num_stages": stages},
+            )
+        cubin = Path(cache) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        sass = subprocess.run(
+            [_bin("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True, check=True
+        ).stdout
+    ptx = compiled.asm["ptx"]
+    text = log.getvalue()
+
+    def number(pattern: str) -> int:
+        found = re.search(pattern, text)
+        if found is None:
+            raise RuntimeError(f"ptxas -v output of {kernel} lacks {pattern!r}:\n{text}")
+        return int(found.group(1))
+
+    instructions = re.findall(
+        r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?(\S+)", sass, re.MULTILINE
+    )
+    config = " ".join(f"{k}={v}" for k, v in constexprs.items()) + f" warps={warps} stages={stages}"
+    return Figures(
+        kernel=kernel,
+        arch=arch,
+        config=config,
+        target=re.search(r"^\.target (\S+)", ptx, re.MULTILINE).group(1),
+        wgmma=ptx.count("wgmma.mma_async"),
+        mma_sync=ptx.count("mma.sync"),
+        registers=number(r"Used (\d+) registers"),
+        spill_stores=number(r"(\d+) bytes spill stores"),
+        spill_loads=number(r"(\d+) bytes spill loads"),
+        shared=int(compiled.metadata.shared),
+        shared_limit=SHARED_LIMIT[arch],
+        sass=len(instructions),
+        sass_mma=sum(1 for op in instructions if re.match(r"(HGMMA|HMMA|IMMA|QGMMA|DMMA)", op)),
+    )
+
+
+_T, _R, _N, _K = 8 * 1369, 1024, 3072, 64
+_FORWARD_VALUES = {
+    "T": _T, "R": _R, "N": _N, "K": _K, "T_BUCKET": 16384,
+    "stride_at": _R, "stride_ar": 1, "stride_br": 1, "stride_bn": _R, "stride_cr": _K,
+    "stride_ck": 1, "stride_en": _K, "stride_ek": 1, "stride_bias": 1,
+}  # fmt: skip
+
+
+def _fused_jobs() -> list[tuple]:
+    """Every autotune config of the fused subspace-linear kernel that the autotuner tries on each
+    target (kernels/_config.configs_for), in bf16, fp16 and fp32 at K_PAD 64."""
+    import torch
+
+    from ._config import configs_for
+
+    jobs = []
+    for name, dtype, precision, adapter in (
+        ("bf16", torch.bfloat16, "tf32", "input"),
+        ("fp16", torch.float16, "tf32", "tf32"),
+        ("fp32", torch.float32, "ieee", "ieee"),
+    ):
+        pointers = {p: f"*{name}" for p in ("a_ptr", "b_ptr", "c_ptr", "bias_ptr", "out_ptr")}
+        pointers.update(e_ptr="*fp32", side_ptr=f"*{name}", ready_ptr="*i32")
+        for arch in ARCHS:
+            # at VGGT's qkv layer in the forward: T = 8 x 1369, 1024 -> 3072, K = 64
+            for c in configs_for(dtype, (arch // 10, arch % 10)):
+                constexprs = {
+                    "K_PAD": 64,
+                    "HAS_BIAS": True,
+                    "PRECISION": precision,
+                    "ADAPTER_PRECISION": adapter,
+                    **c.kwargs,
+                }
+                jobs.append(
+                    ("subspace_linear:_fused_kernel", pointers, _FORWARD_VALUES, constexprs,
+                     c.num_warps, c.num_stages, arch)
+                )  # fmt: skip
+    return jobs
+
+
+def _rsvd_jobs() -> list[tuple]:
+    from .rsvd import STATIC_CONFIGS
+
+    return [(*job, arch) for job in STATIC_CONFIGS for arch in ARCHS]
+
+
+def all_figures(workers: int = 2) -> list[Figures]:
+    """Figures of every job, compiled in `workers` processes (the compiles are CPU-bound)."""
+    jobs = _fused_jobs() + _rsvd_jobs()
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(_run, jobs))
+
+
+def _run(job: tuple) -> Figures:
+    return compile_one(*job)
+
+
+def report(workers: int) -> dict:
+    """Every figure, and how many fused-kernel configs each target's autotuner tries (bf16)."""
+    import torch
+
+    from ._config import CONFIGS, configs_for
+
+    return {
+        "configs": len(CONFIGS),
+        "tried_bf16": {str(a): len(configs_for(torch.bfloat16, (a // 10, a % 10))) for a in ARCHS},
+        "figures": [asdict(f) for f in all_figures(workers)],
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(report(os.cpu_count() or 1), indent=1))
