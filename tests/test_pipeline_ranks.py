@@ -1,5 +1,6 @@
-"""`torchrun --nproc_per_node=2 -m attrspace run` spreads the pipeline's jobs over two processes and
-gives what one process gives: every weight file byte for byte, every metric equal but for timings."""
+"""Under `torchrun --nproc_per_node=2` the pipeline spreads its jobs (LoRAs, fine-tuning, study arms)
+over two processes and gives what one process gives: every weight file byte for byte, every metric
+and study record equal but for timings. Runs the reduced study preset (every stage)."""
 
 import json
 import os
@@ -12,10 +13,13 @@ import pytest
 TIMING_KEYS = {"seconds", "step_ms", "train_seconds", "wall_seconds", "started", "finished"}
 
 
-def run(command: list[str], out: Path, port: int) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port)}
+WORKER = Path(__file__).with_name("pipeline_ranks_worker.py")
+
+
+def run(command: list[str], out: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [*command, "run", "--preset", "micro", "--out", str(out), "--quiet"],
+        [*command, str(WORKER), str(out)],
         env=env,
         capture_output=True,
         text=True,
@@ -40,9 +44,17 @@ def files(root: Path, pattern: str) -> dict[str, Path]:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ranks")
     single, spread = root / "single", root / "spread"
-    run([sys.executable, "-m", "attrspace"], single, 29500)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
-    run([*torchrun, "--master_port=29617", "-m", "attrspace"], spread, 29617)
+    run([sys.executable], single)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--standalone",
+        ],
+        spread,
+    )
     return single, spread
 
 
@@ -53,14 +65,19 @@ def test_two_ranks_write_the_same_weights(runs):
     assert [k for k in a if a[k].read_bytes() != b[k].read_bytes()] == []
 
 
-def test_two_ranks_give_the_same_metrics_and_one_run_log(runs):
+@pytest.mark.parametrize("name", ["metrics.json", "record.json", "stats.json"])
+def test_two_ranks_give_the_same_results(runs, name):
     single, spread = runs
-    a, b = files(single, "metrics.json"), files(spread, "metrics.json")
+    a, b = files(single, name), files(spread, name)
     assert a.keys() == b.keys() and a
     for key in a:
         assert without_timings(json.loads(a[key].read_text())) == without_timings(
             json.loads(b[key].read_text())
         ), key
+
+
+def test_two_ranks_write_one_run_log_and_report(runs):
+    _, spread = runs
     log = json.loads((spread / "runs.json").read_text())["runs"]
     assert len(log) == 1  # only rank 0 records the run
     assert (spread / "report.md").is_file()

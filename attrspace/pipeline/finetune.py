@@ -26,6 +26,7 @@ from attrspace.profiling import saved_activation_bytes
 from attrspace.train.losses import vggt_loss
 from attrspace.train.trainer import TrainConfig, collate
 
+from . import ranks
 from .cache import (
     clear_marker,
     digest,
@@ -160,11 +161,13 @@ def finetune_stage(ws: Workspace, base: str, mine: str | None) -> dict[str, dict
     preset = ws.preset
     n_train = preset.data.task_train_scenes
     results: dict[str, dict[str, dict]] = {}
+    jobs = 0
     for task in preset.tasks:
         scenes = ws.scenes(task)
         train_scenes, test_scenes = scenes[:n_train], scenes[n_train:]
         results[task] = {}
         for method in preset.methods:
+            jobs += 1
             if method in BANK_METHODS and mine is None:
                 raise ValueError(f"method {method!r} needs the mine stage's banks")
             if method == "single" and not bank_path(ws.out, "single").exists():
@@ -172,12 +175,15 @@ def finetune_stage(ws: Workspace, base: str, mine: str | None) -> dict[str, dict
                     f"no single-attribute bank in {bank_path(ws.out, 'single').parent}: "
                     f"the LoRAs have no attribute {preset.single_attribute!r}"
                 )
+            if ranks.skip(jobs - 1):  # another rank's job under torchrun
+                continue
             folder = ws.out / "finetune" / task / method
             expected = method_digest(ws, base, mine, task, method)
             if is_done(folder, expected):
                 ws.record(f"finetune/{task}/{method}", "cached")
                 results[task][method] = read_json(folder / "metrics.json", ("status",))
                 continue
+            ranks.claim(folder)
             clear_marker(folder)
             start = time.perf_counter()
             record = run_method(ws, base, task, method, train_scenes, test_scenes)

@@ -89,8 +89,8 @@ def run_stages(ws: Workspace, until: str = "finetune") -> dict:
         raise ValueError(f"unknown stage {until!r}; choose one of {STAGES}")
     last = STAGES.index(until)
     out: dict = {}
-    # Under torchrun the ranks split the LoRA jobs (attrspace.pipeline.ranks); one-job stages run on
-    # rank 0 and the other ranks read their cached results.
+    # Under torchrun the ranks split the LoRA, fine-tuning and study-arm jobs
+    # (attrspace.pipeline.ranks); one-job stages run on rank 0, the others read its cached results.
     with torch_threads(ws.preset.threads):
         ws.say(f"[1/5] render ({ws.out / 'data'})")
         out["data"] = ranks.run_on_leader(render_stage, ws)
@@ -105,14 +105,13 @@ def run_stages(ws: Workspace, until: str = "finetune") -> dict:
             out["mine"] = ranks.run_on_leader(mine_stage, ws, out["base"], out["loras"])
         if last >= 4:
             ws.say("[5/5] fine-tuning")
-            out["finetune"] = ranks.run_on_leader(finetune_stage, ws, out["base"], out["mine"])
+            out["finetune"] = ranks.run_spread(finetune_stage, ws, out["base"], out["mine"])
         if last >= 4 and ws.preset.study is not None:
             from .study import study_stage
 
             ws.say("[5/5] study: control banks, statistics, arms x seeds")
-            out["study"] = ranks.run_on_leader(
-                study_stage, ws, out["base"], out["loras"], out["mine"]
-            )
+            # every rank: it spreads its own jobs
+            out["study"] = study_stage(ws, out["base"], out["loras"], out["mine"])
     return out
 
 

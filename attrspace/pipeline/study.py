@@ -31,6 +31,7 @@ from attrspace.mine import mine, updates_from_peft
 from attrspace.models.vggt.params import adaptation_targets, block_linear_names
 from attrspace.peft_io import WEIGHTS_NAME, load_peft, lora_state
 
+from . import ranks
 from . import study_stats as st
 from .cache import (
     clear_marker,
@@ -93,24 +94,24 @@ def banks_stage(ws: Workspace, base: str, folders: dict[str, list[Path]], mined:
     clear_marker(folder)
     start = time.perf_counter()
     bank = SubspaceBank.load(study_bank_path(ws.out, "mined"))
-    ranks = {name: layer.rank for name, layer in bank.layers.items()}
+    layer_k = {name: layer.rank for name, layer in bank.layers.items()}
     shapes = {name: (layer.d_out, layer.d_in) for name, layer in bank.layers.items()}
-    layers = sorted(ranks)
+    layers = sorted(layer_k)
     labels, paths = _flat(folders)
     groups = shuffled_groups(labels, derived_seed(preset.seed, "study", "shuffle"))
     by_group: dict[str, list[Path]] = {}
     for g, p in zip(groups, paths, strict=True):
         by_group.setdefault(g, []).append(p)
     banks = {"shuffled": mine(updates_from_peft(by_group, layers), preset.mining).bank}
-    top = max(ranks.values())
+    top = max(layer_k.values())
     pooled = mine(
         updates_from_peft({"pooled": paths}, layers),
         replace(preset.mining, rank=top, spectrum=max(preset.mining.spectrum, top)),
     )
-    banks["pooled"] = single_attribute_bank(pooled, "pooled", ranks, bank.scale)
+    banks["pooled"] = single_attribute_bank(pooled, "pooled", layer_k, bank.scale)
     for i in range(study.random_banks):
         seed = derived_seed(preset.seed, "study", "random", str(i))
-        banks[f"random{i}"] = matched_random_bank(shapes, ranks, bank.scale, seed)
+        banks[f"random{i}"] = matched_random_bank(shapes, layer_k, bank.scale, seed)
     for name, control in banks.items():
         control.save(study_bank_path(ws.out, name))
     info = {
@@ -322,9 +323,13 @@ def arms_stage(ws: Workspace, base: str, banks: str) -> dict[str, list[dict]]:
             f"task {study.task!r}: the study needs >= 2 test scenes, got {len(test_scenes)}"
         )
     out: dict[str, list[dict]] = {}
+    jobs = 0
     for arm in study.arms():
         out[arm] = []
         for seed in range(1 if arm == "zero-shot" else study.seeds):
+            jobs += 1
+            if ranks.skip(jobs - 1):  # another rank's job under torchrun
+                continue
             folder = ws.out / "study" / "arms" / arm.replace(":", "_") / f"seed{seed}"
             expected = arm_digest(ws, base, arm, seed, banks)
             key = folder.relative_to(ws.out).as_posix()
@@ -332,6 +337,7 @@ def arms_stage(ws: Workspace, base: str, banks: str) -> dict[str, list[dict]]:
                 ws.record(key, "cached")
                 out[arm].append(read_json(folder / RECORD_FILE, ("arm", "seed", "status")))
                 continue
+            ranks.claim(folder)
             clear_marker(folder)
             start = time.perf_counter()
             record = run_arm(ws, base, arm, seed, train_scenes, test_scenes)
@@ -351,7 +357,8 @@ def study_stage(ws: Workspace, base: str, folders: dict[str, list[Path]], mined:
     missing = [a for a, ps in folders.items() for p in ps if not (p / WEIGHTS_NAME).is_file()]
     if missing:
         raise ValueError(f"LoRA weights missing for attributes {sorted(set(missing))}")
-    banks = banks_stage(ws, base, folders, mined)
-    stats = stats_stage(ws, base, folders)
-    arms = arms_stage(ws, base, banks)
+    # Called on every rank under torchrun: one-job parts on rank 0, the arms spread over the ranks.
+    banks = ranks.run_on_leader(banks_stage, ws, base, folders, mined)
+    stats = ranks.run_on_leader(stats_stage, ws, base, folders)
+    arms = ranks.run_spread(arms_stage, ws, base, banks)
     return {"banks": banks, "stats": stats, "arms": arms}
