@@ -91,7 +91,9 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None, U: Tensor, V: Tensor,
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         raise ValueError(
             "the base weight and bias of a subspace layer are frozen, but requires_grad is True; "
-            "call .requires_grad_(False) on them (only M trains)"
+            "call .requires_grad_(False) on them (only M trains). Under FSDP1 "
+            "(FullyShardedDataParallel) the frozen weight becomes a view of a trainable flat "
+            "parameter: shard with FSDP2 instead (attrspace.distributed.fully_shard_model)"
         )
 
 
