@@ -194,3 +194,10 @@ def test_study_settings_are_validated():
     study = get_preset("study")
     assert study.study.seeds >= 3 and study.study.random_banks >= 3 and study.lora_rank == 16
     assert get_preset("tiny").study is None
+
+
+def test_a_failed_arm_is_named_not_averaged():
+    stats, summary, arms = _inputs(mined_err=0.0, lora_err=0.02)
+    arms["bank:pooled"][1]["status"] = "diverged"
+    with pytest.raises(ValueError, match="bank:pooled seed 1: diverged"):
+        sv.verdicts(stats, summary, arms)

@@ -90,7 +90,10 @@ def study_section(out: Path) -> list[str]:
     if info is None:
         return []
     stats, arms = info["stats"], info["arms"]
-    v = verdicts(stats, info["mine"], arms)
+    try:
+        v = verdicts(stats, info["mine"], arms)
+    except ValueError as exc:  # an arm diverged or failed evaluation: no verdict can be computed
+        return [f"The study's verdicts cannot be computed: {exc}."]
     g = v["gates"]
     lines = [
         "Decision rule: `attrspace/pipeline/study_verdict.py` (also docs/study/protocol.md), "
