@@ -7,7 +7,8 @@ The timing runs the backends' forward and backward (need_dx) on fresh random inp
 size (own generator: the caller's random stream is not touched), outside autograd; the real weight is
 read, never written, and no module is changed. Under torch.compile nothing is timed: a key measured
 earlier (an eager step, or the cache file) is a constant for the tracer, and an unmeasured key takes
-the first candidate (the static order of attrspace.backends) so that the graph stays one graph.
+the first candidate (the static order of attrspace.backends) so that the graph stays one graph; the
+same holds while a CUDA graph is being captured.
 
 The file is checked when read; a corrupt or foreign file is ignored with a warning and rewritten.
 """
@@ -147,7 +148,9 @@ def choose(
     hit = _MEMORY.get(key)
     if hit is not None and hit.backend in candidates:
         return hit.backend
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or (
+        x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    ):  # nothing can be timed while tracing or capturing a CUDA graph
         return candidates[0]
     if not _disk["read"]:
         _MEMORY.update({k: v for k, v in read_cache().items() if k not in _MEMORY})
