@@ -7,8 +7,11 @@ tests/test_functional.py) and must not upcast (fp32 GEMMs run 10-20x slower than
 so they run one GEMM over the concatenated inner dimension,
     y  = [x | z] [W | P]^T + b        (inner dimension d_in + K)
     dx = [dy | g] [W ; Q^T]           (inner dimension d_out + K)
-where cuBLAS (and the CPU's GEMM) accumulate the base and the adapter term together in fp32 and round
-once. The extra cost is the frozen GEMM on K more columns plus a copy of x (dy) into the wider buffer.
+where cuBLAS accumulates the base and the adapter term together in fp32 and rounds once. The extra
+cost is the frozen GEMM on K more columns plus a copy of x (dy) into the wider buffer. On a CPU the
+bf16 GEMM itself is the slow one (no bf16 matrix units on the CPU of bench/RESULTS.md: 1024 -> 3072 at
+T = 2048 took 21 s concatenated against 0.45 s upcast), so CPU tensors upcast to fp32 GEMMs instead,
+which round once as well. Both paths run on any device; tests/test_torch_backend.py checks both.
 """
 
 from __future__ import annotations
@@ -35,30 +38,66 @@ def forward(
     x: Tensor, weight: Tensor, bias: Tensor | None, V: Tensor, P: Tensor
 ) -> tuple[Tensor, Tensor]:
     """y = x W^T + b + z P^T and z = x V, each rounded once to x.dtype (see reference.forward)."""
-    z = x @ V
     if x.dtype in _LOW_PRECISION:
-        xz = torch.cat((x, z), dim=1)
-        wp = torch.cat((weight, P.to(x.dtype)), dim=1)
-        y = torch.addmm(bias, xz, wp.t()) if bias is not None else xz @ wp.t()
-        return y, z
+        return (forward_concat if x.is_cuda else forward_upcast)(x, weight, bias, V, P)
+    z = x @ V
     w_eff = torch.addmm(weight, P.to(x.dtype), V.t())
     y = torch.addmm(bias, x, w_eff.t()) if bias is not None else x @ w_eff.t()
     return y, z
 
 
+def forward_concat(
+    x: Tensor, weight: Tensor, bias: Tensor | None, V: Tensor, P: Tensor
+) -> tuple[Tensor, Tensor]:
+    """bf16 / fp16 forward as one GEMM over [x | z] and [W | P]."""
+    z = x @ V
+    xz = torch.cat((x, z), dim=1)
+    wp = torch.cat((weight, P.to(x.dtype)), dim=1)
+    y = torch.addmm(bias, xz, wp.t()) if bias is not None else xz @ wp.t()
+    return y, z
+
+
+def forward_upcast(
+    x: Tensor, weight: Tensor, bias: Tensor | None, V: Tensor, P: Tensor
+) -> tuple[Tensor, Tensor]:
+    """bf16 / fp16 forward in fp32 GEMMs (the CPU's fast ones), rounded once."""
+    x32 = x.float()
+    z32 = x32 @ V.float()
+    w32 = weight.float().t()
+    y32 = torch.addmm(bias.float(), x32, w32) if bias is not None else x32 @ w32
+    return torch.addmm(y32, z32, P.t()).to(x.dtype), z32.to(x.dtype)
+
+
 def backward(
     dy: Tensor, weight: Tensor, U: Tensor, Q: Tensor, need_dx: bool
 ) -> tuple[Tensor | None, Tensor]:
-    """dx = dy W + g Q^T (None unless need_dx) in dy.dtype and g = dy U in fp32 (fp64 for fp64).
+    """dx = dy W + g Q^T (None unless need_dx) in dy.dtype and g = dy U in fp32 (fp64 for fp64)."""
+    if dy.dtype in _LOW_PRECISION:
+        return (backward_concat if dy.is_cuda else backward_upcast)(dy, weight, U, Q, need_dx)
+    g = dy @ U
+    dx = dy @ torch.addmm(weight, U, Q.to(dy.dtype).t()) if need_dx else None
+    return dx, g.to(accum_dtype(dy.dtype))
 
-    In bf16 / fp16 g is rounded to dy.dtype by its GEMM (it enters the concatenated GEMM in that
-    dtype) and returned widened; dM = s g^T z carries that rounding, as it carries z's.
-    """
+
+def backward_concat(
+    dy: Tensor, weight: Tensor, U: Tensor, Q: Tensor, need_dx: bool
+) -> tuple[Tensor | None, Tensor]:
+    """bf16 / fp16 backward as one GEMM over [dy | g] and [W ; Q^T]. g is rounded to dy.dtype by its
+    GEMM (it enters the concatenated GEMM in that dtype) and returned widened; dM = s g^T z carries
+    that rounding, as it carries z's."""
     g = dy @ U
     dx = None
-    if need_dx and dy.dtype in _LOW_PRECISION:
+    if need_dx:
         wq = torch.cat((weight, Q.to(dy.dtype).t()), dim=0)
         dx = torch.cat((dy, g), dim=1) @ wq
-    elif need_dx:
-        dx = dy @ torch.addmm(weight, U, Q.to(dy.dtype).t())
-    return dx, g.to(accum_dtype(dy.dtype))
+    return dx, g.float()
+
+
+def backward_upcast(
+    dy: Tensor, weight: Tensor, U: Tensor, Q: Tensor, need_dx: bool
+) -> tuple[Tensor | None, Tensor]:
+    """bf16 / fp16 backward in fp32 GEMMs, dx rounded once."""
+    dy32 = dy.float()
+    g = dy32 @ U.float()
+    dx = torch.addmm(dy32 @ weight.float(), g, Q.t()).to(dy.dtype) if need_dx else None
+    return dx, g
