@@ -2,7 +2,6 @@
 they move (new code imports attrspace.backends)."""
 
 from .backends import (  # noqa: F401
-    _reasons,
     implementation,
     names,
     preload,

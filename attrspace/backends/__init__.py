@@ -114,9 +114,6 @@ def reasons(name: str, x: Tensor, weight: Tensor, rank: int) -> list[str]:
     return implementation(name).unsupported_reasons(x, weight, rank)
 
 
-_reasons = reasons  # the name tests and benchmarks used before this package existed
-
-
 def candidates(x: Tensor, weight: Tensor, rank: int) -> list[str]:
     """The backends "auto" chooses among for these inputs."""
     if x.device.type != "cuda":
