@@ -84,7 +84,9 @@ run_smoke() {
   local b rc=0
   for b in torch triton cuda; do
     timeout 60 "$PY" bench/gpu_check.py smoke "$b" "$OUT/smoke_$b.json" > "$OUT/smoke_$b.log" 2>&1
-    echo "smoke $b: rc=$?"; tail -n 3 "$OUT/smoke_$b.log"
+    local r=$?
+    echo "smoke $b: rc=$r"; tail -n 3 "$OUT/smoke_$b.log"
+    (( r != 0 )) && rc=$r
   done
   return $rc
 }
@@ -122,6 +124,9 @@ from pathlib import Path
 out = Path(sys.argv[1])
 for f in sorted(out.glob("smoke_*.json")):
     r = json.loads(f.read_text())
+    if "skipped" in r:
+        print(f"smoke {r['backend']:<7} cannot run here: " + "; ".join(r["skipped"]))
+        continue
     print(f"smoke {r['backend']:<7} max rel. error " + ", ".join(f"{k} {v:.1e}" for k, v in r["errors"].items()))
 if (out / "timings.json").exists():
     t = json.loads((out / "timings.json").read_text())

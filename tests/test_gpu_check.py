@@ -30,6 +30,11 @@ def test_smoke_of_the_torch_backend_is_exact_enough():
     assert max(result["errors"].values()) < 1e-5, result
 
 
+def test_smoke_reports_a_backend_that_cannot_run():
+    result = gpu_check.smoke("cuda", shape=(8, 16, 12, 4), dtype=torch.float32, device="cpu")
+    assert result["skipped"] and "errors" not in result
+
+
 def test_timings_rows_and_ratios():
     calls = []
 
@@ -56,3 +61,32 @@ def test_svd_step_runs():
 
     result = gpu_check.svd(device="cpu", batch=2, size=(24, 16), rank=4, timer=timer)
     assert result["speedup"] == 1.0 and result["batch"] == 2
+
+
+def test_summary_reads_the_step_results(tmp_path):
+    """The summary block of gpu_check.sh (its Python here-document) on results made on the CPU."""
+    import json
+
+    script = (ROOT / "bench" / "gpu_check.sh").read_text()
+    summary = script.split("<<'PYEOF'", 1)[1].split("\n", 1)[1].split("\nPYEOF", 1)[0]
+
+    def timer(step, rounds=20):
+        step()
+        return 0.001
+
+    cpu = {"dtype": torch.float32, "device": "cpu"}
+    results = {
+        "smoke_torch.json": gpu_check.smoke("torch", shape=(8, 16, 12, 4), **cpu),
+        "smoke_cuda.json": gpu_check.smoke("cuda", shape=(8, 16, 12, 4), **cpu),
+        "timings.json": gpu_check.timings(shape=(8, 16, 12, 4), timer=timer, **cpu),
+        "svd.json": gpu_check.svd(device="cpu", batch=2, size=(24, 16), rank=4, timer=timer),
+    }
+    for name, result in results.items():
+        (tmp_path / name).write_text(json.dumps(result))
+    out = subprocess.run(
+        [sys.executable, "-", str(tmp_path)], input=summary, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert "smoke torch   max rel. error" in out.stdout
+    assert "smoke cuda    cannot run here" in out.stdout
+    assert "subspace K=4 [torch]" in out.stdout and "svd 2 x [24, 16] rank 4" in out.stdout

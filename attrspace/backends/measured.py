@@ -144,6 +144,8 @@ def choose(
     """The backend "auto" runs: the only candidate, or the measured fastest (timed at first use)."""
     if len(candidates) == 1:
         return candidates[0]
+    if torch.compiler.is_compiling() and (x.device.type, x.device.index) not in _DEVICE_LABELS:
+        return candidates[0]  # naming the device is a driver call; nothing was measured here anyway
     key = key_of(x, weight, rank)
     hit = _MEMORY.get(key)
     if hit is not None and hit.backend in candidates:
