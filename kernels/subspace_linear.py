@@ -21,10 +21,11 @@ T = 8 x 1369 and BLOCK_M = 128, fewer than the 132 SMs of an H100) and re-reads 
 from L2 at every tile (1 MiB per row block at d_in = 4096: more than L2 holds for 132 programs). With the
 flags the launch is an ordinary grouped GEMM over the virtual weight [C^T; B^T] of K_PAD + N columns:
 no repeated work, full occupancy, and a group's x rows come from HBM once and from L2 afterwards.
-Deadlock freedom: a 1-D grid starts its programs in increasing id (NVIDIA's block dispatch; the
-interpreter runs them in order), a group's side programs have lower ids than its output programs, and an
-output program waits only after its own main loop, on a program that started no later than it did. A
-side program does K_PAD / BLOCK_N (at most half) of an output program's work, so the wait is usually over.
+Deadlock freedom: a program's role comes from a ticket it takes from an atomic counter when it starts,
+not from its program id (CUDA does not promise to start blocks in id order). A group's side programs
+have lower tickets than its output programs, so an output program waits only on a program that took
+its ticket earlier, that is, one already running; it waits after its own main loop. A side program does
+K_PAD / BLOCK_N (at most half) of an output program's work, so the wait is usually over.
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def _output_program(
     configs=CONFIGS,
     key=AUTOTUNE_KEY,
     prune_configs_by={"early_config_prune": prune_configs},
-    reset_to_zero=["ready_ptr"],  # the timing runs set the flags; every run must start from zero
+    reset_to_zero=["ready_ptr"],  # timing runs take tickets and set flags: start each from zero
 )
 @triton.jit
 def _fused_kernel(
@@ -157,10 +158,12 @@ def _fused_kernel(
     PRECISION: tl.constexpr, ADAPTER_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    # Program ids run group by group; a group is up to GROUP_M row blocks: first their side programs,
+    # Tickets run group by group; a group is up to GROUP_M row blocks: first their side programs,
     # then their output tiles column by column, so consecutive programs share a tile of B in L2 and a
-    # group's rows of A stay in L2 across its columns.
-    pid = tl.program_id(0)
+    # group's rows of A stay in L2 across its columns. ready_ptr[0] is the ticket counter, the row
+    # blocks' ready flags follow it.
+    pid = tl.atomic_add(ready_ptr, 1)
+    flags_ptr = ready_ptr + 1
     n_row_blocks = tl.cdiv(T, BLOCK_M)
     group_size = GROUP_M * (1 + tl.cdiv(N, BLOCK_N))
     group = pid // group_size
@@ -169,14 +172,14 @@ def _fused_kernel(
     local = pid - group * group_size
     if local < rows_in_group:
         _side_program(
-            a_ptr, c_ptr, side_ptr, ready_ptr, first_row_block + local, T, R, K,
+            a_ptr, c_ptr, side_ptr, flags_ptr, first_row_block + local, T, R, K,
             stride_at, stride_ar, stride_cr, stride_ck,
             K_PAD, PRECISION, BLOCK_M, BLOCK_R,
         )  # fmt: skip
     else:
         tile = local - rows_in_group
         _output_program(
-            a_ptr, b_ptr, e_ptr, bias_ptr, out_ptr, side_ptr, ready_ptr,
+            a_ptr, b_ptr, e_ptr, bias_ptr, out_ptr, side_ptr, flags_ptr,
             first_row_block + tile % rows_in_group, tile // rows_in_group, T, R, N, K,
             stride_at, stride_ar, stride_br, stride_bn, stride_en, stride_ek, stride_bias,
             K_PAD, HAS_BIAS, PRECISION, ADAPTER_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R,
@@ -197,7 +200,8 @@ def _launch(
     N, K = b.shape[1], c.shape[1]
     if T == 0:
         return
-    ready = torch.zeros(triton.cdiv(T, MIN_BLOCK_M), dtype=torch.int32, device=a.device)
+    # The ticket counter, then one ready flag per row block (for every config's BLOCK_M).
+    ready = torch.zeros(1 + triton.cdiv(T, MIN_BLOCK_M), dtype=torch.int32, device=a.device)
 
     def grid(meta):
         return (triton.cdiv(T, meta["BLOCK_M"]) * (1 + triton.cdiv(N, meta["BLOCK_N"])),)
