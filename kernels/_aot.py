@@ -198,10 +198,10 @@ def report(workers: int) -> dict:
     """Every figure, and how many fused-kernel configs each target's autotuner tries (bf16)."""
     import torch
 
-    from ._config import CONFIGS, configs_for
+    from ._config import TENSOR_CORE_CONFIGS, configs_for
 
     return {
-        "configs": len(CONFIGS),
+        "configs": len(TENSOR_CORE_CONFIGS),
         "tried_bf16": {str(a): len(configs_for(torch.bfloat16, (a // 10, a % 10))) for a in ARCHS},
         "figures": [asdict(f) for f in all_figures(workers)],
     }

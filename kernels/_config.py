@@ -34,9 +34,9 @@ if INTERPRET:
     # One config: the interpreter would otherwise benchmark every config. Blocks of 32 keep the test
     # shapes (T=37, d_in=100, d_out=72) ragged in every dimension, and GROUP_M=2 makes a 3-row-block
     # problem span two program groups, the last one partial.
-    CONFIGS = [_config(32, 32, 32, group_m=2, warps=4, stages=1)]
+    TENSOR_CORE_CONFIGS = FP32_CONFIGS = [_config(32, 32, 32, group_m=2, warps=4, stages=1)]
 else:
-    CONFIGS = [
+    TENSOR_CORE_CONFIGS = [  # bf16 / fp16
         # Large tiles for T = frames x 1369 tokens and d >= 1024 (the VGGT layers): 128 x 256 halves the
         # re-reads of x per output column against 128 x 128; 8 warps hold the 128 x 256 fp32 accumulator.
         _config(128, 256, 64, group_m=8, warps=8, stages=3),
@@ -45,23 +45,24 @@ else:
         _config(64, 128, 64, group_m=8, warps=4, stages=4),
         _config(64, 64, 32, group_m=8, warps=4, stages=3),
     ]
+    # fp32 multiplies on the FMA units ("ieee"): beyond 64 x 64 the accumulator spills, and with 4
+    # warps even 64 x 64 spills 96-128 B per thread (ptxas, sm_80 / sm_90a); 8 warps fit in 128.
+    FP32_CONFIGS = [_config(64, 64, 32, group_m=8, warps=8, stages=3)]
+CONFIGS = TENSOR_CORE_CONFIGS + [c for c in FP32_CONFIGS if c not in TENSOR_CORE_CONFIGS]
 
 
 def configs_for(dtype: torch.dtype, capability: tuple[int, int]) -> list:
-    """The configs worth timing for inputs of `dtype` on a GPU of compute `capability`.
-
-    fp32 inputs multiply on the FMA units ("ieee" precision), where an accumulator beyond 64 x 64
-    spills registers and takes up to a minute to compile, so fp32 keeps only the small tiles. Before
-    Hopper the 128 x 256 tile spills (ptxas for sm_80: 16 B per thread in bf16, 228 B in fp16 with
-    its tf32 adapter term; it takes wgmma's register-free operands to fit), so sm_80 drops it.
-    tests/test_static_kernels.py compiles exactly these.
+    """The configs worth timing for inputs of `dtype` on a GPU of compute `capability`: fp32 its own
+    (FP32_CONFIGS); bf16 / fp16 every tensor-core config, except the 128 x 256 tile before Hopper,
+    which spills there (ptxas for sm_80: 16 B per thread in bf16, 228 B in fp16 with its tf32
+    adapter term; it takes wgmma's register-free operands to fit). tests/test_static_kernels.py
+    compiles exactly these.
     """
-    configs = CONFIGS
     if dtype == torch.float32:
-        configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
-    elif capability < (9, 0):
-        configs = [c for c in configs if c.kwargs["BLOCK_N"] < 256]
-    return configs or CONFIGS[-1:]
+        return FP32_CONFIGS
+    if capability < (9, 0):
+        return [c for c in TENSOR_CORE_CONFIGS if c.kwargs["BLOCK_N"] < 256] or CONFIGS[-1:]
+    return TENSOR_CORE_CONFIGS
 
 
 def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
