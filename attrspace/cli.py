@@ -73,7 +73,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _backends(args: argparse.Namespace) -> int:
-    from .dispatch import backends
+    from .backends import status as backends
 
     for name, status in backends().items():
         print(f"{name:<8}{status}")
@@ -196,7 +196,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _check_bench(args: argparse.Namespace) -> None:
-    from .dispatch import names
+    from .backends import names
 
     _check_device(args.device)
     if args.backend not in ("auto", *names()):

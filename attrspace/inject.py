@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import dispatch
+from . import backends
 from ._checks import positive_finite, positive_int, probability
 from .bank import SubspaceBank
 from .nn import LoRAConv2d, LoRALinear, SubspaceLinear, conv_arguments
@@ -121,7 +121,7 @@ def inject(
     if problems:
         raise ValueError("the bank does not fit the model:\n  " + "\n  ".join(problems))
     s = bank.scale if scale is None else positive_finite("scale", scale, "inject")
-    dispatch.preload(backend)
+    backends.preload(backend)
     new_modules = _built_or_untouched(
         model,
         lambda: {

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import dispatch
+from . import backends
 from ._checks import positive_finite, positive_int, probability
 from .functional import subspace_linear
 
@@ -129,7 +129,7 @@ class SubspaceLinear(nn.Linear):
     ) -> None:
         rank = positive_int("rank K", rank)
         scale = positive_finite("scale", scale)
-        dispatch.preload(backend)  # rejects an unknown name before anything is built
+        backends.preload(backend)  # rejects an unknown name before anything is built
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.weight.requires_grad_(False)
         if self.bias is not None:

@@ -67,12 +67,8 @@ def step_bytes(model: VGGT, frames: int, size: int, images: torch.Tensor | None 
         )
 
     def loss():
-        # VGGT.forward's steps, without its torch.autocast(device_type=...), which meta refuses.
-        tokens = model.aggregator(images, keep_layers=model.head_layers)
-        poses = model.camera_head(tokens[-1].float())
-        layers = [t.float() if t is not None else None for t in tokens]
-        depth, conf = model.depth_head(layers, (size, size))
-        return poses[-1].sum() + depth.sum() + conf.sum()
+        out = model(images)
+        return out["pose_enc"].sum() + out["depth"].sum() + out["depth_conf"].sum()
 
     try:
         return step_saved_bytes(model, loss, checkpoint_modules=(aggregator,))

@@ -6,6 +6,8 @@ says so.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
@@ -83,8 +85,15 @@ class VGGT(nn.Module):
         h, w = images.shape[-2:]
         tokens = self.aggregator(images, keep_layers=self.head_layers)
         out: dict = {}
-        # The heads run in full precision even under autocast, as the official model does.
-        with torch.autocast(device_type=images.device.type, enabled=False):
+        # The heads run in full precision even under autocast, as the official model does (on the
+        # meta device, used for exact memory accounting, there is no autocast to leave).
+        device_type = images.device.type
+        full_precision = (
+            torch.autocast(device_type=device_type, enabled=False)
+            if torch.amp.is_autocast_available(device_type)
+            else contextlib.nullcontext()
+        )
+        with full_precision:
             if self.camera_head is not None:
                 last = tokens[-1].to(_param_dtype(self.camera_head))
                 poses = self.camera_head(last)
