@@ -20,14 +20,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def aot_report() -> dict:
+def aot_report(tmp_path_factory) -> dict:
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # Run outside the source tree: `python -m` puts the working folder first on sys.path, and the
+    # tree's attrspace/ (without kernels/, which the wheel maps in) would shadow the installed one.
     out = subprocess.run(
         [sys.executable, "-m", "attrspace.kernels._aot"],
         capture_output=True,
         text=True,
         env=env,
+        cwd=tmp_path_factory.mktemp("aot"),
         timeout=1500,
     )
     assert out.returncode == 0, out.stderr[-4000:]
