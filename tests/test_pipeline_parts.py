@@ -3,6 +3,7 @@ model that predicts the ground truth, the layer bench, and the command line."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -164,3 +165,32 @@ def test_cli_bench_and_errors(capsys, tmp_path):
     assert "no such run folder" in capsys.readouterr().err
     assert main(["report", "--out", str(tmp_path)]) == 0
     assert "No run record" in (tmp_path / "report.md").read_text()
+
+
+def test_stage_digests_follow_the_seed_and_the_task_split(tmp_path, monkeypatch):
+    """The random control bank derives from the preset's seed, and the task's train/test split shapes
+    every fine-tuning result: both must change the digests, or a cache of other settings is reused."""
+    from attrspace.pipeline import finetune, mining
+    from attrspace.pipeline.presets import get_preset
+    from attrspace.pipeline.workspace import Workspace
+
+    monkeypatch.setattr(mining, "lora_files_digest", lambda folders: ["same LoRAs"])
+    monkeypatch.setattr(finetune, "data_digest", lambda ws, task: "same data")
+    micro = get_preset("micro")
+    sizes = micro.data
+    variants = {
+        "micro": micro,
+        "seed": micro.replace(seed=micro.seed + 1),
+        "split": micro.replace(
+            data=dataclasses.replace(sizes, task_train_scenes=sizes.task_train_scenes + 1)
+        ),
+    }
+    mine, lora, zero = {}, {}, {}
+    for name, preset in variants.items():
+        ws = Workspace(tmp_path / name, preset, progress=False)
+        mine[name] = mining.mine_digest(ws, "base", {})
+        lora[name] = finetune.method_digest(ws, "base", "mine", "photo", "lora")
+        zero[name] = finetune.method_digest(ws, "base", "mine", "photo", "zero-shot")
+    assert mine["seed"] != mine["micro"]
+    assert mine["split"] == mine["micro"]  # mining does not see the downstream task
+    assert lora["split"] != lora["micro"] and zero["split"] != zero["micro"]

@@ -141,7 +141,9 @@ def run_method(
 
 def method_digest(ws: Workspace, base: str, mine: str | None, task: str, method: str) -> str:
     preset = ws.preset
-    evaluation = ("eval", base, data_digest(ws, task), task, preset.seed, preset.eval_points)
+    # The train/test split of the task's scenes shapes both the training and the test metrics.
+    split = preset.data.task_train_scenes
+    evaluation = ("eval", base, data_digest(ws, task), task, split, preset.seed, preset.eval_points)
     if method == "zero-shot":  # nothing trains: only the base model and the test data matter
         return digest("finetune", method, evaluation)
     bank = None

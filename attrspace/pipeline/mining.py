@@ -123,19 +123,26 @@ def random_reference_overlaps(
     }
 
 
-def mine_stage(ws: Workspace, base: str, lora_folders: dict[str, list[Path]]) -> str:
-    """Mine OUT/mine/bank.safetensors (+ the official layout and summary.json) and the control banks
-    under OUT/mine/controls/. Returns the mine digest (it covers every bank written)."""
+def mine_digest(ws: Workspace, base: str, lora_folders: dict[str, list[Path]]) -> str:
+    """Everything that shapes the mine stage's banks."""
     preset = ws.preset
-    folder = ws.out / "mine"
-    expected = digest(
+    return digest(
         "mine",
         SUMMARY_VERSION,
         base,
         lora_files_digest(lora_folders),
         preset.mining,
         preset.single_attribute,
+        preset.seed,  # the random control bank's seed derives from it
     )
+
+
+def mine_stage(ws: Workspace, base: str, lora_folders: dict[str, list[Path]]) -> str:
+    """Mine OUT/mine/bank.safetensors (+ the official layout and summary.json) and the control banks
+    under OUT/mine/controls/. Returns the mine digest (it covers every bank written)."""
+    preset = ws.preset
+    folder = ws.out / "mine"
+    expected = mine_digest(ws, base, lora_folders)
     if is_done(folder, expected):
         ws.record("mine", "cached")
         return expected
