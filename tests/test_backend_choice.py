@@ -64,6 +64,24 @@ def fake(monkeypatch, tmp_path):
     measured.forget()
 
 
+def test_a_fast_backend_with_wrong_results_is_never_chosen(fake, monkeypatch):
+    wrong = types.SimpleNamespace(
+        unavailable_reason=lambda: None,
+        unsupported_reasons=lambda x, w, k: [],
+        forward=lambda *a: tuple(t * 1.01 for t in torch_backend.forward(*a)),
+        backward=torch_backend.backward,
+    )
+    monkeypatch.setitem(backends._LOADED, "fake", wrong)
+    timer = FakeTimer([0.003])  # only torch is timed
+    monkeypatch.setattr(measured, "default_timer", timer)
+    t = _inputs()
+    with pytest.warns(UserWarning, match=r"fake: y differs from the torch backend by 1\.0\de-02"):
+        assert backends.select("auto", t["x"], t["weight"], 4) == "torch"
+    assert timer.calls == 1
+    # An explicit choice still runs it: only "auto" guards against it.
+    assert backends.select("fake", t["x"], t["weight"], 4) == "fake"
+
+
 def _inputs(tokens=24):
     return layer_inputs(tokens, 16, 12, 4, seed=tokens)
 
@@ -77,7 +95,8 @@ def test_fastest_wins_is_remembered_and_written(fake, tmp_path, monkeypatch):
     monkeypatch.setattr(measured, "default_timer", timer)
     t = _inputs()
     assert backends.select("auto", t["x"], t["weight"], 4) == "fake"
-    assert timer.calls == 2 and fake == ["forward", "backward"]
+    # once checked against the torch backend, once timed
+    assert timer.calls == 2 and fake == ["forward", "backward"] * 2
     # Same key (24 and 30 tokens share the bucket 32): no second timing.
     assert backends.select("auto", _inputs(30)["x"], t["weight"], 4) == "fake"
     assert timer.calls == 2

@@ -3,12 +3,15 @@ dtype, d_in, d_out, K, token bucket), and keeps the fastest, in memory and in a 
 the user's cache folder ($XDG_CACHE_HOME/attrspace or ~/.cache/attrspace), so a later process on the
 same machine does not time again.
 
-The timing runs the backends' forward and backward (need_dx) on fresh random inputs of the bucket's
-size (own generator: the caller's random stream is not touched), outside autograd; the real weight is
-read, never written, and no module is changed. Under torch.compile nothing is timed: a key measured
-earlier (an eager step, or the cache file) is a constant for the tracer, and an unmeasured key takes
-the first candidate (the static order of attrspace.backends) so that the graph stays one graph; the
-same holds while a CUDA graph is being captured.
+Each backend runs its forward and backward (need_dx) on fresh random inputs of the bucket's size (own
+generator: the caller's random stream is not touched), outside autograd; the real weight is read,
+never written, and no module is changed. Before it is timed, every backend but torch must reproduce
+the torch backend's y, z, dx and g on those inputs within AGREEMENT_RTOL: one that does not is left
+out with a warning, so a fused kernel that is fast but wrong on an untried GPU is never what "auto"
+picks. Under torch.compile nothing is timed: a key measured earlier (an eager step, or the cache
+file) is a constant for the tracer, and an unmeasured key takes the first candidate (the static
+order of attrspace.backends) so that the graph stays one graph; the same holds while a CUDA graph is
+being captured.
 
 The file is checked when read; a corrupt or foreign file is ignored with a warning and rewritten.
 """
@@ -91,10 +94,14 @@ def default_timer(step: Callable[[], None], device: torch.device) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _pass(name: str, x: Tensor, weight: Tensor, rank: int) -> Callable[[], None]:
-    from . import implementation  # the package imports this module first
+# Relative Frobenius error a backend may show against the torch backend on the timing inputs before
+# it is left out of "auto": fp32 kernels may use TF32 tensor cores (10-bit mantissa), half-precision
+# ones round their inputs and outputs.
+AGREEMENT_RTOL = {torch.float32: 2e-3, torch.float16: 2e-2, torch.bfloat16: 3e-2}
 
-    impl = implementation(name)
+
+def _inputs(x: Tensor, weight: Tensor, rank: int) -> tuple[Tensor, ...]:
+    """Random inputs of the bucket's size (own generator: the caller's stream is not touched)."""
     tokens = token_bucket(math.prod(x.shape[:-1]))
     d_out, d_in = weight.shape
     gen = torch.Generator(device=x.device).manual_seed(0)
@@ -105,11 +112,36 @@ def _pass(name: str, x: Tensor, weight: Tensor, rank: int) -> Callable[[], None]
     xt, dy = rand(tokens, d_in), rand(tokens, d_out)
     U, V = rand(d_out, rank) * d_out**-0.5, rand(d_in, rank) * d_in**-0.5
     P, Q = rand(d_out, rank, dtype=torch.float32), rand(d_in, rank, dtype=torch.float32)
+    return xt, dy, U, V, P, Q
 
+
+def _outputs(name: str, weight: Tensor, inputs: tuple[Tensor, ...]) -> list[Tensor]:
+    from . import implementation  # the package imports this module first
+
+    impl = implementation(name)
+    xt, dy, U, V, P, Q = inputs
+    with torch.no_grad():
+        return [*impl.forward(xt, weight, None, V, P), *impl.backward(dy, weight, U, Q, True)]
+
+
+def _disagreement(name: str, weight: Tensor, inputs, reference: list[Tensor]) -> str | None:
+    """Why backend `name` must not be chosen (its results differ from the torch backend's), or None.
+
+    None of the fused kernels may be trusted on a GPU they never ran on: a kernel that is fast but
+    wrong there is left out, never picked by "auto" (an explicit backend= still runs it)."""
+    rtol = AGREEMENT_RTOL.get(inputs[0].dtype, 1e-6)
+    got = _outputs(name, weight, inputs)
+    for label, a, b in zip(("y", "z", "dx", "g"), got, reference, strict=True):
+        a, b = a.float(), b.float()
+        error = float((a - b).norm() / b.norm().clamp_min(1e-30))
+        if not math.isfinite(error) or error > rtol:
+            return f"{label} differs from the torch backend by {error:.2e} (relative; limit {rtol:.0e})"
+    return None
+
+
+def _pass(name: str, weight: Tensor, inputs) -> Callable[[], None]:
     def step():
-        with torch.no_grad():
-            impl.forward(xt, weight, None, V, P)
-            impl.backward(dy, weight, U, Q, True)
+        _outputs(name, weight, inputs)
 
     return step
 
@@ -118,19 +150,26 @@ def measure(
     names: list[str], x: Tensor, weight: Tensor, rank: int, timer: Callable | None = None
 ) -> Choice:
     """Time every backend in `names` on inputs shaped like these; the fastest wins. A backend that
-    fails while timed is left out with a warning naming it (at least one must run)."""
+    fails, or whose results differ from the torch backend's on the same inputs, is left out with a
+    warning naming it (at least one must run)."""
     timer = timer or default_timer
-    times, failures = {}, []
+    inputs = _inputs(x, weight, rank)
+    times, failures, reference = {}, [], None
     for name in names:
         try:
-            times[name] = 1e3 * float(timer(_pass(name, x, weight, rank), x.device))
+            if name != "torch":
+                reference = reference or _outputs("torch", weight, inputs)
+                reason = _disagreement(name, weight, inputs, reference)
+                if reason is not None:
+                    failures.append(f"{name}: {reason}")
+                    continue
+            times[name] = 1e3 * float(timer(_pass(name, weight, inputs), x.device))
         except Exception as exc:  # a kernel that cannot launch here must not take "auto" down
             failures.append(f"{name}: {type(exc).__name__}: {exc}")
     key = key_of(x, weight, rank)
     if failures:
         warnings.warn(
-            f"backend choice for {describe_key(key)}: left out after failing while timed: "
-            + "; ".join(failures),
+            f"backend choice for {describe_key(key)}: left out: " + "; ".join(failures),
             stacklevel=3,
         )
     if not times:
