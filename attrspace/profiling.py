@@ -47,9 +47,17 @@ def saved_activation_bytes(model: nn.Module, fn: Callable[[], Tensor]) -> int:
     return sum(nbytes for _, _, nbytes in saved_tensor_records(fn, own))
 
 
-def time_steps(step: Callable[[], None], steps: int, warmup: int = 1) -> float:
-    """Median wall time of `step()` in seconds (synchronising CUDA when present)."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+def time_steps(
+    step: Callable[[], None], steps: int, warmup: int = 1, device: torch.device | None = None
+) -> float:
+    """Median wall time of `step()` in seconds over `steps` runs after `warmup` runs, synchronising
+    the CUDA device around each run (`device`, or the current one when CUDA is present)."""
+    if device is not None and device.type != "cuda":
+        sync = lambda: None  # noqa: E731
+    elif device is not None:
+        sync = lambda: torch.cuda.synchronize(device)  # noqa: E731
+    else:
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(warmup):
         step()
     times = []

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from torch import nn
 
 import attrspace
 from attrspace import backends, reference
+from attrspace.profiling import time_steps
 from attrspace.testing import layer_inputs, relative_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -63,17 +63,7 @@ def smoke(backend: str, shape=SHAPE, dtype=DTYPE, device=DEVICE) -> dict:
 
 def median_time(step: Callable[[], None], rounds: int = 20) -> float:
     """Median seconds of step() (synchronised), after two warm-up calls."""
-    sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
-    for _ in range(2):
-        step()
-    times = []
-    for _ in range(rounds):
-        sync()
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return time_steps(step, rounds, warmup=2, device=torch.device(DEVICE))
 
 
 def _modules(shape, dtype, device) -> dict[str, nn.Module]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,16 +81,9 @@ def key_of(x: Tensor, weight: Tensor, rank: int) -> Key:
 def default_timer(step: Callable[[], None], device: torch.device) -> float:
     """Median seconds of `step()` over TIMED_RUNS runs after one warm-up run (which also lets Triton
     autotune), synchronising the device around each run."""
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    step()
-    times = []
-    for _ in range(TIMED_RUNS):
-        sync()
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    from ..profiling import time_steps
+
+    return time_steps(step, TIMED_RUNS, warmup=1, device=device)
 
 
 # Relative Frobenius error a backend may show against the torch backend on the timing inputs before
