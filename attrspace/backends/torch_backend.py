@@ -10,8 +10,8 @@ so they run one GEMM over the concatenated inner dimension,
 where cuBLAS accumulates the base and the adapter term together in fp32 and rounds once. The extra
 cost is the frozen GEMM on K more columns plus a copy of x (dy) into the wider buffer. On a CPU the
 bf16 GEMM itself is the slow one (no bf16 matrix units on the CPU of bench/RESULTS.md: 1024 -> 3072 at
-T = 2048 took 21 s concatenated against 0.45 s upcast), so CPU tensors upcast to fp32 GEMMs instead,
-which round once as well. Both paths run on any device; tests/test_torch_backend.py checks both.
+T = 2048 took 21 s concatenated against 0.45 s upcast), so CPU tensors run the reference's fp32 GEMMs
+(attrspace.reference), which round once as well. Both paths run on any device; tests/test_torch_backend.py checks both.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import reference
 from ..reference import accum_dtype
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -39,7 +40,7 @@ def forward(
 ) -> tuple[Tensor, Tensor]:
     """y = x W^T + b + z P^T and z = x V, each rounded once to x.dtype (see reference.forward)."""
     if x.dtype in _LOW_PRECISION:
-        return (forward_concat if x.is_cuda else forward_upcast)(x, weight, bias, V, P)
+        return (forward_concat if x.is_cuda else reference.forward)(x, weight, bias, V, P)
     z = x @ V
     w_eff = torch.addmm(weight, P.to(x.dtype), V.t())
     y = torch.addmm(bias, x, w_eff.t()) if bias is not None else x @ w_eff.t()
@@ -57,23 +58,12 @@ def forward_concat(
     return y, z
 
 
-def forward_upcast(
-    x: Tensor, weight: Tensor, bias: Tensor | None, V: Tensor, P: Tensor
-) -> tuple[Tensor, Tensor]:
-    """bf16 / fp16 forward in fp32 GEMMs (the CPU's fast ones), rounded once."""
-    x32 = x.float()
-    z32 = x32 @ V.float()
-    w32 = weight.float().t()
-    y32 = torch.addmm(bias.float(), x32, w32) if bias is not None else x32 @ w32
-    return torch.addmm(y32, z32, P.t()).to(x.dtype), z32.to(x.dtype)
-
-
 def backward(
     dy: Tensor, weight: Tensor, U: Tensor, Q: Tensor, need_dx: bool
 ) -> tuple[Tensor | None, Tensor]:
     """dx = dy W + g Q^T (None unless need_dx) in dy.dtype and g = dy U in fp32 (fp64 for fp64)."""
     if dy.dtype in _LOW_PRECISION:
-        return (backward_concat if dy.is_cuda else backward_upcast)(dy, weight, U, Q, need_dx)
+        return (backward_concat if dy.is_cuda else reference.backward)(dy, weight, U, Q, need_dx)
     g = dy @ U
     dx = dy @ torch.addmm(weight, U, Q.to(dy.dtype).t()) if need_dx else None
     return dx, g.to(accum_dtype(dy.dtype))
@@ -91,13 +81,3 @@ def backward_concat(
         wq = torch.cat((weight, Q.to(dy.dtype).t()), dim=0)
         dx = torch.cat((dy, g), dim=1) @ wq
     return dx, g.float()
-
-
-def backward_upcast(
-    dy: Tensor, weight: Tensor, U: Tensor, Q: Tensor, need_dx: bool
-) -> tuple[Tensor | None, Tensor]:
-    """bf16 / fp16 backward in fp32 GEMMs, dx rounded once."""
-    dy32 = dy.float()
-    g = dy32 @ U.float()
-    dx = torch.addmm(dy32 @ weight.float(), g, Q.t()).to(dy.dtype) if need_dx else None
-    return dx, g
