@@ -25,9 +25,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from .nn import LoRAConv2d, LoRALinear, SubspaceLinear
+from .nn import ADAPTER_TYPES, LoRAConv2d, LoRALinear, SubspaceLinear
 
-ADAPTER_TYPES = (SubspaceLinear, LoRALinear, LoRAConv2d)
 # Module-name segments that wrappers insert (torch.compile, activation checkpointing, FSDP1); a
 # checkpoint key never contains them, so names are compared without them.
 _WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"})

@@ -39,10 +39,9 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .nn import LoRAConv2d, LoRALinear, SubspaceLinear
+from .nn import ADAPTER_TYPES, LoRAConv2d, SubspaceLinear
 from .peft_io import adapter_config, write_adapter_folder
 
-_ADAPTERS = (SubspaceLinear, LoRALinear, LoRAConv2d)
 _PREFIX = "base_model.model."
 
 
@@ -57,7 +56,7 @@ class PeftAdapter:
 def _adapters(model: nn.Module) -> dict[str, nn.Module]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, _ADAPTERS)}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, ADAPTER_TYPES)}
     if not layers:
         raise ValueError(
             "the model holds no attrspace adapters (SubspaceLinear, LoRALinear, LoRAConv2d)"

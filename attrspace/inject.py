@@ -16,10 +16,9 @@ from torch import nn
 from . import backends
 from ._checks import positive_finite, positive_int, probability
 from .bank import SubspaceBank
-from .nn import LoRAConv2d, LoRALinear, SubspaceLinear, conv_arguments
+from .nn import ADAPTER_TYPES, LoRAConv2d, LoRALinear, SubspaceLinear, conv_arguments
 
 _SAVED_FLAGS = "_attrspace_requires_grad"
-_ADAPTERS = (SubspaceLinear, LoRALinear, LoRAConv2d)
 
 
 @dataclass
@@ -164,7 +163,7 @@ def inject_lora(
             continue
         if type(module) in (nn.Linear, nn.Conv2d):
             chosen.append((name, module))
-        elif not isinstance(module, _ADAPTERS):
+        elif not isinstance(module, ADAPTER_TYPES):
             problems.append(f"{name}: is {type(module).__name__}, expected nn.Linear or nn.Conv2d")
     unmatched = [t for t in targets if not any(_matches(n, [t]) for n, _ in chosen)]
     problems += [f"target {t!r} matches no nn.Linear or nn.Conv2d" for t in unmatched]
@@ -212,7 +211,7 @@ def uninject(model: nn.Module, merge: bool = False) -> list[str]:
     merge=False gives back the very original weight and bias Parameters (bit-identical, the adapter is
     dropped); merge=True folds each adapter's update into a new weight. Returns the names replaced.
     """
-    names = [n for n, m in model.named_modules() if isinstance(m, _ADAPTERS)]
+    names = [n for n, m in model.named_modules() if isinstance(m, ADAPTER_TYPES)]
     merged = [
         n
         for n in names

@@ -390,3 +390,6 @@ class LoRAConv2d(nn.Conv2d):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r={self.rank}, alpha={self.alpha}"
+
+
+ADAPTER_TYPES = (SubspaceLinear, LoRALinear, LoRAConv2d)
