@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ._checks import positive_finite, positive_int
+from ._checks import positive_finite, positive_int, usable_device
 
 if TYPE_CHECKING:
     from .bank import LayerSubspace
@@ -28,27 +28,11 @@ ORTHONORMAL_TOL = {
 
 
 def target_device(device) -> torch.device:
-    try:
-        target = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device {device!r} is not a torch device ({exc})") from exc
-    if target.type == "meta":
+    if str(device).startswith("meta"):
         raise ValueError(
             "device='meta' holds no data, so a bank cannot be checked or used there; load it on 'cpu'"
         )
-    if target.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={device!r}: CUDA is not available on this machine")
-        if target.index is not None and target.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
-            )
-    elif target.type != "cpu":
-        try:
-            torch.empty(0, device=target)
-        except RuntimeError as exc:
-            raise ValueError(f"device={device!r} is not usable here ({exc})") from exc
-    return target
+    return usable_device(device)
 
 
 def check_header(header: dict) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import numbers
 
+import torch
+
 
 def positive_finite(name: str, value, where: str = "") -> float:
     """`value` as a float if it is a real number, finite and > 0; otherwise a ValueError naming it.
@@ -40,3 +42,29 @@ def probability(name: str, value, where: str = "") -> float:
     if not (0.0 <= number < 1.0):
         raise ValueError(f"{name}{at} must be in [0, 1), got {value!r}")
     return number
+
+
+def usable_device(device) -> torch.device:
+    """`device` as a torch.device that holds data here; ValueError naming it otherwise (not a device
+    name, CUDA absent or an index past the last GPU, meta, or a backend that cannot allocate)."""
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {device!r} is not a torch device ({exc})") from exc
+    if target.type == "meta":
+        raise ValueError(f"device {device!r} holds no data")
+    if target.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {device!r}: CUDA is not available (this machine has no CUDA device)"
+            )
+        if target.index is not None and target.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif target.type != "cpu":
+        try:
+            torch.empty(0, device=target)
+        except RuntimeError as exc:
+            raise ValueError(f"device {device!r} is not usable here ({exc})") from exc
+    return target

@@ -101,23 +101,16 @@ def _rank(text: str) -> int | str:
 
 
 def _check_device(device: str, flag: str = "--device") -> None:
-    """A device name torch knows; cuda only where CUDA is present."""
-    import torch
+    """A cpu or cuda device that exists here ("auto" is always fine)."""
+    from ._checks import usable_device
 
     if device == "auto":
         return
     try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"{flag}: unknown device {device!r}") from None
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"{flag} {device}: this machine has no CUDA device")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise UsageError(
-                f"{flag} {device}: only {torch.cuda.device_count()} CUDA device(s) here"
-            )
-    elif parsed.type != "cpu":
+        parsed = usable_device(device)
+    except ValueError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
+    if parsed.type not in ("cpu", "cuda"):
         raise UsageError(f"{flag} {device}: only cpu and cuda devices are supported")
 
 
