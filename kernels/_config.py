@@ -61,7 +61,7 @@ def configs_for(dtype: torch.dtype, capability: tuple[int, int]) -> list:
     if dtype == torch.float32:
         return FP32_CONFIGS
     if capability < (9, 0):
-        return [c for c in TENSOR_CORE_CONFIGS if c.kwargs["BLOCK_N"] < 256] or CONFIGS[-1:]
+        return [c for c in TENSOR_CORE_CONFIGS if c.kwargs["BLOCK_N"] < 256]
     return TENSOR_CORE_CONFIGS
 
 
