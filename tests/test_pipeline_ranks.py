@@ -81,3 +81,34 @@ def test_two_ranks_write_one_run_log_and_report(runs):
     log = json.loads((spread / "runs.json").read_text())["runs"]
     assert len(log) == 1  # only rank 0 records the run
     assert (spread / "report.md").is_file()
+
+
+@pytest.mark.parametrize(
+    "fail_on, idle_on, expected",
+    [
+        (None, None, {0: {"done": [0, 1, 2, 3]}, 1: {"done": [0, 1, 2, 3]}}),
+        (1, None, {0: "RankJobError: rank 1 failed: RuntimeError: job 1 broke", 1: "job 1 broke"}),
+        (None, 1, {0: "RankJobError: ", 1: "RankJobError: "}),
+    ],
+    ids=["all-done", "a-rank-fails", "a-rank-leaves-jobs-undone"],
+)
+def test_spread_jobs_and_failures_reach_every_rank(tmp_path, fail_on, idle_on, expected):
+    import torch.multiprocessing as mp
+
+    sys.path.insert(0, str(WORKER.parent))
+    import pipeline_ranks_worker
+
+    mp.start_processes(
+        pipeline_ranks_worker.spread_worker,
+        (2, str(tmp_path), fail_on, idle_on),
+        nprocs=2,
+        start_method="spawn",
+    )
+    for rank, want in expected.items():
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        if isinstance(want, dict):
+            assert got == want
+        else:
+            assert want in got["error"], got
+    if fail_on is None and idle_on is None:  # each job ran once, on rank i mod 2
+        assert [(tmp_path / f"job{i}").read_text() for i in range(4)] == ["0", "1", "0", "1"]
