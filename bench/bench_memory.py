@@ -11,8 +11,8 @@ from torch import nn
 
 import attrspace
 from attrspace.bank import linear_shapes, random_bank
-from attrspace.demo import ADAPTED, TinyViT
-from attrspace.profiling import saved_activation_bytes
+from attrspace.measure.profiling import saved_activation_bytes
+from attrspace.models.vit import ADAPTED, TinyViT
 
 D_IN, D_OUT, RANK, LORA_RANK = 1024, 3072, 64, 16
 
@@ -45,7 +45,7 @@ def stack(method):
     torch.manual_seed(0)
     model = TinyViT(dim=512, depth=4, heads=8, in_dim=64).to(DEVICE, DTYPE)
     if method == "subspace":
-        attrspace.inject(
+        attrspace.adapters.inject(
             model, random_bank(linear_shapes(model, ADAPTED), RANK, scale=2.0, dtype=DTYPE)
         )
     elif method == "lora":

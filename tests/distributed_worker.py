@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 import attrspace
 from attrspace import distributed as adist
+from attrspace.adapters import discovery
 from attrspace.bank import linear_shapes, random_bank
 from attrspace.models.vggt.layers import Block
 
@@ -54,7 +55,7 @@ def build(checkpointing: bool = False) -> TinyNet:
     torch.manual_seed(0)
     model = TinyNet(checkpointing)
     bank = random_bank(linear_shapes(model, BLOCK_LINEARS), 4, scale=2.0, seed=1)
-    attrspace.inject(model, bank, backend="torch")
+    attrspace.adapters.inject(model, bank, backend="torch")
     attrspace.inject_lora(model, targets=("stem", "head"), rank=2, alpha=4)
     # Nonzero M from the start, so the first step's LoRA-B and U/V-side gradients are not all zero.
     with torch.no_grad():
@@ -71,7 +72,9 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return {
-        adist.clean_name(n): p for n, p in adist.unwrap(model).named_parameters() if p.requires_grad
+        discovery.clean_name(n): p
+        for n, p in discovery.unwrap(model).named_parameters()
+        if p.requires_grad
     }
 
 

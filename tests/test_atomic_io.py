@@ -1,4 +1,4 @@
-"""attrspace._io: atomic writes keep the umask's mode; safetensors bytes do not depend on the process."""
+"""attrspace.util.files: atomic writes keep the umask's mode; safetensors bytes do not depend on the process."""
 
 import os
 import subprocess
@@ -6,11 +6,11 @@ import sys
 
 import torch
 
-from attrspace._io import atomic_save_safetensors, atomic_write_bytes, read_safetensors
+from attrspace.util.files import atomic_save_safetensors, atomic_write_bytes, read_safetensors
 
 WRITE = """
 import sys, torch
-from attrspace._io import atomic_save_safetensors
+from attrspace.util.files import atomic_save_safetensors
 tensors = {f"t{i}": torch.arange(i + 3, dtype=torch.float32) for i in range(6)}
 metadata = {f"key{i}": str(i) for i in range(8)}
 atomic_save_safetensors(tensors, metadata, sys.argv[1])

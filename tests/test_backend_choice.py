@@ -1,4 +1,4 @@
-"""Backend choice by measurement (attrspace.backends.measured) with an injected timer: what is timed,
+"""Backend choice by measurement (attrspace.backends.choice) with an injected timer: what is timed,
 what is remembered in memory and on disk, corrupt cache files, the forcing environment variable, and
 torch.compile seeing a constant. No timing is asserted: the fake timer decides who is fastest."""
 
@@ -10,8 +10,8 @@ import torch
 
 import attrspace
 from attrspace import backends
+from attrspace.adapters.functional import subspace_linear
 from attrspace.backends import measured, torch_backend
-from attrspace.functional import subspace_linear
 from attrspace.testing import layer_inputs
 
 

@@ -8,8 +8,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from attrspace import BankFileError, LayerSubspace, SubspaceBank
-from attrspace._io import checksum
 from attrspace.bank import _digest, random_bank, upgrade_v1_file
+from attrspace.util.files import checksum
 
 
 def orthonormal(m, k, seed):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from attrspace.cli import main
+from attrspace.cli.main import main
 from attrspace.data.storage import read_manifest
 
 RENDER = ["render", "--attribute", "lighting", "--datasets", "1", "--scenes", "1", "--views", "2"]
@@ -108,7 +108,7 @@ def test_two_renders_with_different_seeds_keep_the_first(tmp_path, capsys):
 HOLD = """
 import sys, time
 from pathlib import Path
-from attrspace._folders import folder_lock, lock_beside
+from attrspace.util.folders import folder_lock, lock_beside
 folder = Path(sys.argv[1])
 with folder_lock(folder, lock_beside(folder)):
     print("holding", flush=True)
@@ -138,11 +138,11 @@ def test_a_render_folder_in_use_names_its_holder(tmp_path, capsys):
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch):
-    import attrspace.demo
+    import attrspace.cli.demo
 
     def broken(*args, **kwargs):
         raise ValueError("an internal mistake")
 
-    monkeypatch.setattr(attrspace.demo, "run_demo", broken)
+    monkeypatch.setattr(attrspace.cli.demo, "run_demo", broken)
     with pytest.raises(ValueError, match="an internal mistake"):
         main(["demo", "--steps", "1"])

@@ -19,9 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from attrspace import _native, backends, reference
+from attrspace import backends
+from attrspace.adapters import reference
 from attrspace.backends import cuda_backend as _cuda_backend
 from attrspace.backends import cupy_jit as _cupy_jit
+from attrspace.backends import native as _native
 from attrspace.testing import assert_close, layer_inputs
 
 CUDA = torch.cuda.is_available()
@@ -375,7 +377,7 @@ def test_gpu_side_stream_and_opcheck():
 def test_gpu_layer_gradients_match_torch_backend(dtype):
     if _cuda_backend.unavailable_reason() is not None:
         pytest.skip(_cuda_backend.unavailable_reason())
-    from attrspace.functional import subspace_linear
+    from attrspace.adapters.functional import subspace_linear
 
     t = layer_inputs(2, 96, 80, 16, dtype=dtype, device="cuda", seed=3)
     results = {}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from attrspace.data.cli import add_render_parser
+from attrspace.cli.args import add_render_parser
 from attrspace.data.contact_sheet import make_contact_sheet
 from attrspace.data.storage import MultiViewDataset, read_manifest
 

@@ -11,7 +11,7 @@ from torch import nn
 
 import attrspace
 from attrspace import LayerSubspace, SubspaceBank, export_merged, export_peft, inject, inject_lora
-from attrspace.export import collect_merged_state, collect_peft_adapter, write_peft_adapter
+from attrspace.export.writers import collect_merged_state, collect_peft_adapter, write_peft_adapter
 
 peft = pytest.importorskip("peft", reason="peft is a test dependency; CI installs it")
 

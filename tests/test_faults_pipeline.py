@@ -18,10 +18,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from attrspace.cli import main
+from attrspace.cli.main import main
 from attrspace.pipeline import StageFileError, Workspace, get_preset, run_pipeline, run_stages
 from attrspace.pipeline.cache import MARKER, read_marker, verify_outputs
-from attrspace.pipeline.results import collect
+from attrspace.pipeline.report.results import collect
 
 MICRO = get_preset("micro")
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -196,7 +196,7 @@ def test_a_second_process_is_refused_and_a_killed_holders_lock_taken_over(
 def test_a_sigkilled_run_resumes_to_the_uninterrupted_outputs(finished, tmp_path):
     run = tmp_path / "run"
     child = subprocess.Popen(
-        [sys.executable, "-m", "attrspace.cli", "run", "--preset", "micro", "--out", str(run)],
+        [sys.executable, "-m", "attrspace.cli.main", "run", "--preset", "micro", "--out", str(run)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=ENV,

@@ -5,9 +5,9 @@ import torch
 
 import attrspace
 from attrspace import backends
-from attrspace.functional import subspace_linear
-from attrspace.profiling import saved_tensor_records
-from attrspace.reference import dense_subspace_linear
+from attrspace.adapters.functional import subspace_linear
+from attrspace.adapters.reference import dense_subspace_linear
+from attrspace.measure.profiling import saved_tensor_records
 from attrspace.testing import assert_close, layer_inputs
 
 SHAPES = [(64, 48, 40, 8), (37, 100, 72, 24), (1, 16, 24, 5)]

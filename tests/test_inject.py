@@ -8,7 +8,7 @@ from torch import nn
 
 from attrspace import LoRALinear, SubspaceBank, SubspaceLinear, inject, inject_lora, uninject
 from attrspace.bank import LayerSubspace, linear_shapes, random_bank
-from attrspace.demo import ADAPTED, TinyViT
+from attrspace.models.vit import ADAPTED, TinyViT
 
 
 @pytest.fixture

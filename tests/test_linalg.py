@@ -14,15 +14,15 @@ Tolerances (relative to the largest singular value sigma_1 unless said otherwise
 import pytest
 import torch
 
-from attrspace._native import native
+from attrspace.backends import auto_rsvd_backend, rsvd_unavailable_reason, select_rsvd_steps
+from attrspace.backends.native import native
 from attrspace.linalg import (
     factor_svd,
     factored_sq_distance,
     factored_sq_norm,
     principal_cosines,
-    randomized_svd,
 )
-from attrspace.linalg.backends import auto_backend, select_steps, unavailable_reason
+from attrspace.linalg.randomized import randomized_svd
 
 DTYPES = (torch.float32, torch.float64)
 ABS_TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -193,14 +193,14 @@ def test_bad_arguments_raise_clear_errors():
 
 def _available_backends() -> list[str]:
     cpu = torch.device("cpu")
-    return [name for name in ("native", "triton") if unavailable_reason(name, cpu) is None]
+    return [name for name in ("cuda", "triton") if rsvd_unavailable_reason(name, cpu) is None]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_every_backend_matches_the_torch_reference(dtype):
     backends = _available_backends()
-    assert "native" in backends or native() is None, unavailable_reason(
-        "native", torch.device("cpu")
+    assert "cuda" in backends or native() is None, rsvd_unavailable_reason(
+        "cuda", torch.device("cpu")
     )
     # The triton backend is exercised (interpreted) in test_rsvd_kernels.py; here the cheap ones.
     ops, _ = make_ops("fast", dtype)
@@ -217,12 +217,15 @@ def test_every_backend_matches_the_torch_reference(dtype):
 def test_backend_selection_and_reasons(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert "TRITON_INTERPRET=1" in unavailable_reason("triton", cpu)
-    with pytest.raises(ValueError, match=r"backend 'triton' cannot run on cpu: .*TRITON_INTERPRET"):
-        select_steps("triton", cpu)
-    assert unavailable_reason("torch", cpu) is None
-    assert auto_backend(cpu) == "torch"
-    assert select_steps("auto", cpu).name == "torch"
+    assert "TRITON_INTERPRET=1" in rsvd_unavailable_reason("triton", cpu)
+    with pytest.raises(
+        ValueError,
+        match=r"backend 'triton' cannot run the randomized SVD on cpu: .*TRITON_INTERPRET",
+    ):
+        select_rsvd_steps("triton", cpu)
+    assert rsvd_unavailable_reason("torch", cpu) is None
+    assert auto_rsvd_backend(cpu) == "torch"
+    assert select_rsvd_steps("auto", cpu).name == "torch"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -283,17 +286,17 @@ def test_gram_trace_norms_match_dense():
         factored_sq_norm(u, v[:, :3])
 
 
-needs_native = pytest.mark.skipif(
-    unavailable_reason("native", torch.device("cpu")) is not None,
-    reason=f"native Jacobi SVD unavailable: {unavailable_reason('native', torch.device('cpu'))}",
+needs_jacobi = pytest.mark.skipif(
+    rsvd_unavailable_reason("cuda", torch.device("cpu")) is not None,
+    reason=f"the extension's Jacobi SVD is unavailable: {rsvd_unavailable_reason('cuda', torch.device('cpu'))}",
 )
 
 
-@needs_native
+@needs_jacobi
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(6, 24, 24), (3, 40, 17), (2, 9, 30), (1, 1, 1)])
 def test_jacobi_svd_matches_torch(shape, dtype):
-    from attrspace._svd_native import jacobi_svd
+    from attrspace.backends.jacobi import jacobi_svd
 
     gen = torch.Generator().manual_seed(9)
     a = torch.randn(*shape, generator=gen, dtype=dtype)
@@ -318,9 +321,9 @@ def test_jacobi_svd_matches_torch(shape, dtype):
     assert ((u * s[:, None, :]) @ v.mT - a).abs().max() <= 10 * ABS_TOL[dtype] * scale
 
 
-@needs_native
+@needs_jacobi
 def test_jacobi_svd_reports_non_convergence(monkeypatch):
-    import attrspace._svd_native as svd_native
+    import attrspace.backends.jacobi as svd_native
 
     monkeypatch.setattr(svd_native, "MAX_SWEEPS", 1)
     with pytest.raises(RuntimeError, match="did not converge in 1 sweeps"):

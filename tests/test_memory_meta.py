@@ -1,4 +1,4 @@
-"""Whole-model activation memory on the meta device (attrspace.memory_meta, bench/vggt_memory.py): the
+"""Whole-model activation memory on the meta device (attrspace.measure.memory_meta, bench/vggt_memory.py): the
 meta count equals the count of the same step on real CPU tensors, the flash-style attention saves
 O(T) and computes what scaled_dot_product_attention computes, checkpointing is counted."""
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attrspace.memory_meta import _FlashLikeAttention, flash_attention_accounting
-from attrspace.profiling import saved_tensor_records, storage_key
+from attrspace.measure.memory_meta import _FlashLikeAttention, flash_attention_accounting
+from attrspace.measure.profiling import saved_tensor_records, storage_key
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import vggt_memory

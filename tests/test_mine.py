@@ -5,7 +5,7 @@ import torch
 
 from attrspace import SubspaceBank, inject
 from attrspace.linalg import principal_cosines
-from attrspace.mine import MiningConfig, choose_rank, mine, updates_from_peft
+from attrspace.mining.subspaces import MiningConfig, choose_rank, mine, updates_from_peft
 
 ATTRS = ["texture", "geometry", "camera", "lighting"]
 
@@ -127,7 +127,7 @@ def test_bad_updates_are_named():
 
 def test_mined_bank_round_trips_and_injects(tmp_path):
     from attrspace import inject_lora, save_peft
-    from attrspace.demo import ADAPTED, TinyViT
+    from attrspace.models.vit import ADAPTED, TinyViT
 
     torch.manual_seed(0)
     folders = {}

@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from attrspace import LoRALinear, SubspaceLinear, inject, inject_lora, uninject
 from attrspace.bank import linear_shapes, random_bank
-from attrspace.demo import ADAPTED, TinyViT
+from attrspace.models.vit import ADAPTED, TinyViT
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import attrspace.peft_io as peft_io
+import attrspace.export.peft_folder as peft_io
 from attrspace import (
     AdapterFileError,
     inject_lora,
@@ -16,7 +16,7 @@ from attrspace import (
     lora_state,
     save_peft,
 )
-from attrspace.demo import ADAPTED, TinyViT
+from attrspace.models.vit import ADAPTED, TinyViT
 
 
 def trained_lora_model(seed=0):

@@ -14,13 +14,13 @@ import torch
 
 from attrspace import SubspaceBank, inject
 from attrspace.bank import BankFileError
-from attrspace.cli import main
+from attrspace.cli.main import main
 from attrspace.linalg import principal_cosines
 from attrspace.pipeline import StageFileError, Workspace, get_preset, run_pipeline, run_stages
 from attrspace.pipeline import stages as stages_module
 from attrspace.pipeline.cache import MARKER
-from attrspace.pipeline.evaluate import HEADLINE
-from attrspace.pipeline.mining import bank_path
+from attrspace.pipeline.stages.evaluate import HEADLINE
+from attrspace.pipeline.stages.mining import bank_path
 
 MICRO = get_preset("micro")
 

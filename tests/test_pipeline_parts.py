@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from attrspace.cli import main
+from attrspace.cli.main import main
 from attrspace.data import InMemoryMultiViewDataset, make_family
+from attrspace.measure.lineup import bench_layer
 from attrspace.models.vggt.pose import extrinsics_to_pose_encoding, normalize_scene
 from attrspace.pipeline import StageFileError
 from attrspace.pipeline.cache import (
@@ -22,9 +23,8 @@ from attrspace.pipeline.cache import (
     read_marker,
     write_marker,
 )
-from attrspace.pipeline.evaluate import error_terms, scene_metrics
-from attrspace.pipeline.layer_bench import bench_layer
-from attrspace.pipeline.results import paired_difference
+from attrspace.pipeline.report.results import paired_difference
+from attrspace.pipeline.stages.evaluate import error_terms, scene_metrics
 from attrspace.train.trainer import TrainConfig
 
 

@@ -16,7 +16,8 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from attrspace.kernels import rsvd  # noqa: E402
-from attrspace.linalg import principal_cosines, randomized_svd  # noqa: E402
+from attrspace.linalg import principal_cosines  # noqa: E402
+from attrspace.linalg.randomized import randomized_svd  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = (torch.float32, torch.float64)

@@ -5,7 +5,7 @@ inputs: forward, dx, g, with and without bias and input gradient, and small upda
 import pytest
 import torch
 
-from attrspace import reference
+from attrspace.adapters import reference
 from attrspace.backends import torch_backend as tb
 from attrspace.testing import assert_close, layer_inputs
 

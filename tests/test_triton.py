@@ -15,7 +15,7 @@ import torch
 
 import attrspace
 from attrspace import backends, reference
-from attrspace.functional import subspace_linear
+from attrspace.adapters.functional import subspace_linear
 from attrspace.kernels.subspace_linear import subspace_linear_backward, subspace_linear_forward
 from attrspace.testing import assert_close, layer_inputs
 

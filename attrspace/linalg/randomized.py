@@ -34,7 +34,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._operators import (
+from attrspace.backends import RsvdSteps, select_rsvd_steps
+from attrspace.linalg._operators import (
     Chunks,
     Operator,
     OperatorGroup,
@@ -42,7 +43,6 @@ from ._operators import (
     checked_gram,
     group_operators,
 )
-from .backends import RsvdSteps, select_steps
 
 
 def _hmt_dense(steps: RsvdSteps, a: Tensor, omega: Tensor, rank: int, power_iters: int):
@@ -170,7 +170,7 @@ def randomized_svd(
     rank: singular triplets per operator, 1 <= rank <= min(m, n). oversample: extra sketch columns
     (l = min(rank + oversample, m, n), and at most max(kr, rank) in factor form). power_iters: power
     iterations, each one application of C and one of C^T. backend: "auto", "torch" (reference), "triton"
-    or "native" (see attrspace.linalg.backends). generator: drives the Gaussian sketch, drawn on the
+    or "cuda" (see attrspace.backends.ops). generator: drives the Gaussian sketch, drawn on the
     generator's device.
 
     Returns, per operator in input order, (U (m, rank), S (rank,), V (n, rank)) in the operator's dtype
@@ -183,7 +183,7 @@ def randomized_svd(
     groups = group_operators(ops, rank)
     results: list[tuple[Tensor, Tensor, Tensor] | None] = [None] * len(ops)
     for group in groups:
-        steps = select_steps(backend, group.device)
+        steps = select_rsvd_steps(backend, group.device)
         width = _sketch_width(group, rank, oversample)
         draw_on = generator.device if generator is not None else group.device
         # Dense operators are sketched by Omega (n, l); factored ones in kr coordinates (_hmt_factored).

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import VGGTConfig
+from attrspace.models.vggt.config import VGGTConfig
 
 
 def uv_embedding(channels: int, rows: int, cols: int, aspect: float, like: Tensor) -> Tensor:
