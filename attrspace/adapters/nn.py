@@ -2,7 +2,7 @@
 
 Each module is a subclass of the layer it replaces and holds the SAME weight and bias Parameter objects
 (shared, never copied), so state-dict keys of the base layer stay `<name>.weight` / `<name>.bias` and an
-official checkpoint still loads after injection. The adapters only wire tensors to attrspace.functional.
+official checkpoint still loads after injection. The adapters only wire tensors to attrspace.adapters.functional.
 
 State dicts, by design:
 - the frozen bases U, V of SubspaceLinear are Parameters with requires_grad=False, not buffers, so DDP

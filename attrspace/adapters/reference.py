@@ -1,6 +1,6 @@
 """The adapter math in plain torch: the truth that every backend (attrspace.backends) is tested against.
 
-Notation (design section 2), T tokens, K the subspace rank:
+Notation (docs/design.md §2), T tokens, K the subspace rank:
     z = x V              (T, K)      projection of the input onto the frozen row basis
     P = s U M            (d_out, K)  the adapter's output map, formed in fp32 by the caller
     y = x W^T + b + z P^T

@@ -236,14 +236,14 @@ def _backward_fake(dy, weight, U, Q, need_dx):
 def forward(
     x: Tensor, weight: Tensor, bias: Tensor | None, V: Tensor, P: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """y = x W^T + b + z32 P^T and z = x V in one launch; shapes as attrspace.reference.forward."""
+    """y = x W^T + b + z32 P^T and z = x V in one launch; shapes as attrspace.adapters.reference.forward."""
     return _forward_op(x.contiguous(), weight, bias, V.contiguous(), P.contiguous())
 
 
 def backward(
     dy: Tensor, weight: Tensor, U: Tensor, Q: Tensor, need_dx: bool
 ) -> tuple[Tensor | None, Tensor]:
-    """dx = dy W + g Q^T and g = dy U in fp32, in one launch; as attrspace.reference.backward."""
+    """dx = dy W + g Q^T and g = dy U in fp32, in one launch; as attrspace.adapters.reference.backward."""
     dx, g = _backward_op(dy.contiguous(), weight, U.contiguous(), Q.contiguous(), need_dx)
     return (dx if need_dx else None), g
 

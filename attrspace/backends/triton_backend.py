@@ -105,14 +105,14 @@ def _backward_fake(dy, weight, U, Q, need_dx):
 def forward(
     x: Tensor, weight: Tensor, bias: Tensor | None, V: Tensor, P: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """y = x W^T + b + z P^T and z = x V in one fused launch; shapes as attrspace.reference.forward."""
+    """y = x W^T + b + z P^T and z = x V in one fused launch; shapes as attrspace.adapters.reference.forward."""
     return _forward_op(x, weight, bias, V, P)
 
 
 def backward(
     dy: Tensor, weight: Tensor, U: Tensor, Q: Tensor, need_dx: bool
 ) -> tuple[Tensor | None, Tensor]:
-    """dx = dy W + g Q^T and g = dy U in fp32, one fused launch; as attrspace.reference.backward."""
+    """dx = dy W + g Q^T and g = dy U in fp32, one fused launch; as attrspace.adapters.reference.backward."""
     dx, g = _backward_op(dy, weight, U, Q, need_dx)
     return (dx if need_dx else None), g
 

@@ -155,6 +155,18 @@ def _sketch_width(group: OperatorGroup, rank: int, oversample: int) -> int:
     return max(rank, min(width, group.kr)) if group.factored else width
 
 
+def _factored_chunk(steps, group, first, second, indices, sketch, rank, power_iters):
+    """U, S, V of one chunk of factored operators C = P Q^T, and the scale S must be multiplied by."""
+    gram = functools.partial(_gram, steps)
+    g_p, scale_p = checked_gram(first, gram, indices, " (factor P)")
+    g_q, scale_q = checked_gram(second, gram, indices, " (factor Q)")
+    if group.m > group.n:  # decompose C^T = Q P^T: see the module docstring
+        v, s, u = _hmt_factored(steps, second, first, (g_q, g_p), sketch, rank, power_iters)
+    else:
+        u, s, v = _hmt_factored(steps, first, second, (g_p, g_q), sketch, rank, power_iters)
+    return u, s, v, scale_p * scale_q
+
+
 def randomized_svd(
     ops: Sequence[Operator],
     rank: int,
@@ -200,18 +212,9 @@ def randomized_svd(
                 scale = checked_dense(first, indices)
                 u, s, v = _hmt_dense(steps, first, sketch, rank, power_iters)
             else:
-                gram = functools.partial(_gram, steps)
-                g_p, scale_p = checked_gram(first, gram, indices, " (factor P)")
-                g_q, scale_q = checked_gram(second, gram, indices, " (factor Q)")
-                scale = scale_p * scale_q
-                if group.m > group.n:  # decompose C^T = Q P^T: see the module docstring
-                    v, s, u = _hmt_factored(
-                        steps, second, first, (g_q, g_p), sketch, rank, power_iters
-                    )
-                else:
-                    u, s, v = _hmt_factored(
-                        steps, first, second, (g_p, g_q), sketch, rank, power_iters
-                    )
+                u, s, v, scale = _factored_chunk(
+                    steps, group, first, second, indices, sketch, rank, power_iters
+                )
             s = s * scale
             for j, i in enumerate(indices):
                 results[i] = (u[j], s[j], v[j])

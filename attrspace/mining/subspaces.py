@@ -1,4 +1,4 @@
-"""Mining attribute subspaces from LoRA updates (design section 1, steps 3-5).
+"""Mining attribute subspaces from LoRA updates (docs/design.md §1, steps 3-5; §7).
 
 For every adapted layer and attribute, with the attribute's k updates dW_i = P_i Q_i^T (P_i = s B_i,
 Q_i = A_i^T), find the robust rank-d consensus
@@ -194,38 +194,33 @@ def _check_updates(updates: dict[str, dict[str, list[Factors]]]) -> list[str]:
     return common
 
 
-def mine(
-    updates: dict[str, dict[str, list[Factors]]], config: MiningConfig = MiningConfig()
-) -> MiningResult:
-    """Mine a SubspaceBank from LoRA updates.
-
-    updates: attribute -> layer name -> list of (P (d_out, r), Q (d_in, r)) with update P Q^T (scale
-    included, e.g. `LoRAFactors.left_right()`). Layers present for every attribute are mined.
-    """
-    layers = _check_updates(updates)
-    attributes = list(updates)
-    keys = [(name, a) for name in layers for a in attributes]
-    stacks = {key: [(p.double(), q.double()) for p, q in updates[key[1]][key[0]]] for key in keys}
-    k_of = {key: len(stacks[key]) for key in keys}
-    spec_len = {
+def _spectrum_lengths(stacks: dict, config: MiningConfig) -> dict:
+    """Singular values to compute per (layer, attribute): at most the stacked rank and the shape."""
+    return {
         key: min(
             config.spectrum,
-            sum(p.shape[1] for p, _ in stacks[key]),
-            stacks[key][0][0].shape[0],
-            stacks[key][0][1].shape[0],
+            sum(p.shape[1] for p, _ in stack),
+            stack[0][0].shape[0],
+            stack[0][1].shape[0],
         )
-        for key in keys
+        for key, stack in stacks.items()
     }
-    weights = {key: torch.ones(k_of[key], dtype=torch.float64) for key in keys}
-    eps2 = {}
-    generator = torch.Generator().manual_seed(config.seed)
+
+
+def _irls(stacks: dict, config: MiningConfig, generator: torch.Generator) -> tuple[dict, int]:
+    """IRLS weights per (layer, attribute) after convergence (or max_iters), and the iterations run:
+    w_i = (eps^2 + ||U V^T - dW_i||^2)^(-(2 - p) / 2), normalised to sum 1 (docs/design.md §1)."""
+    keys = list(stacks)
+    spec_len = _spectrum_lengths(stacks, config)
+    weights = {key: torch.ones(len(stacks[key]), dtype=torch.float64) for key in keys}
+    eps2: dict = {}
     iterations = 0
     for it in range(config.max_iters):
         iterations = it + 1
         ops = [_weighted_factors(stacks[key], weights[key]) for key in keys]
         svds = _svd_many(ops, [spec_len[key] for key in keys], config, generator)
         changed = 0.0
-        for key, (u, s, v) in zip(keys, svds, strict=False):
+        for key, (u, s, v) in zip(keys, svds, strict=True):
             d = choose_rank(s, config)
             root = s[:d].sqrt()
             P = torch.stack([p for p, _ in stacks[key]])
@@ -239,18 +234,44 @@ def mine(
             weights[key] = new
         if config.p == 2.0 or changed < config.tol:
             break
-    # Final decomposition with the converged weights.
+    return weights, iterations
+
+
+def _final_bases(stacks: dict, weights: dict, config: MiningConfig, generator: torch.Generator):
+    """The decomposition with the converged weights: spectra, ranks and truncated bases per layer
+    and attribute."""
+    keys = list(stacks)
+    spec_len = _spectrum_lengths(stacks, config)
     ops = [_weighted_factors(stacks[key], weights[key]) for key in keys]
     svds = _svd_many(ops, [spec_len[key] for key in keys], config, generator)
-    spectra: dict[str, dict[str, Tensor]] = {n: {} for n in layers}
-    ranks: dict[str, dict[str, int]] = {n: {} for n in layers}
-    bases: dict[str, dict[str, tuple[Tensor, Tensor, Tensor]]] = {n: {} for n in layers}
-    for (name, a), (u, s, v), op in zip(keys, svds, ops, strict=False):
+    spectra, ranks, bases = {}, {}, {}
+    for (name, a), (u, s, v), op in zip(keys, svds, ops, strict=True):
         total = float(factored_sq_norm_pair(*op))
         d = choose_rank(s, config, total_energy=total)
-        spectra[name][a] = s.float()
-        ranks[name][a] = d
-        bases[name][a] = (u[:, :d], s[:d], v[:, :d])
+        spectra.setdefault(name, {})[a] = s.float()
+        ranks.setdefault(name, {})[a] = d
+        bases.setdefault(name, {})[a] = (u[:, :d], s[:d], v[:, :d])
+    return spectra, ranks, bases
+
+
+def mine(
+    updates: dict[str, dict[str, list[Factors]]], config: MiningConfig = MiningConfig()
+) -> MiningResult:
+    """Mine a SubspaceBank from LoRA updates.
+
+    updates: attribute -> layer name -> list of (P (d_out, r), Q (d_in, r)) with update P Q^T (scale
+    included, e.g. `LoRAFactors.left_right()`). Layers present for every attribute are mined.
+    """
+    layers = _check_updates(updates)
+    attributes = list(updates)
+    stacks = {
+        (name, a): [(p.double(), q.double()) for p, q in updates[a][name]]
+        for name in layers
+        for a in attributes
+    }
+    generator = torch.Generator().manual_seed(config.seed)
+    weights, iterations = _irls(stacks, config, generator)
+    spectra, ranks, bases = _final_bases(stacks, weights, config, generator)
     overlaps = {name: _overlaps(bases[name]) for name in layers}
     bank_layers, dropped = {}, {}
     for name in layers:

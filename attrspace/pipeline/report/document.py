@@ -106,8 +106,8 @@ def _lora_section(info: dict) -> list[str]:
     )
 
 
-def _mining_section(info: dict) -> list[str]:
-    mine = info["mine"]
+def _rank_rows(mine: dict) -> list[list[str]]:
+    """Per (block, layer kind): each attribute's rank d (mean, min-max) and the bank's mean K."""
     attributes = mine["attributes"]
     by_kind: dict[tuple[str, str], dict[str, list[int]]] = {}
     for name, layer in mine["layers"].items():
@@ -121,20 +121,70 @@ def _mining_section(info: dict) -> list[str]:
                 continue
             ranks = by_kind[(block, kind)]
             ks = [mine["K"][n] for n in mine["layers"] if layer_kind(n)[:2] == (block, kind)]
-            rows.append(
-                [f"{block} {kind}"]
-                + [
-                    f"{statistics.fmean(ranks[a]):.1f} ({min(ranks[a])}-{max(ranks[a])})"
-                    for a in attributes
-                ]
-                + [f"{statistics.fmean(ks):.1f}"]
-            )
+            cells = [
+                f"{statistics.fmean(ranks[a]):.1f} ({min(ranks[a])}-{max(ranks[a])})"
+                for a in attributes
+            ]
+            rows.append([f"{block} {kind}", *cells, f"{statistics.fmean(ks):.1f}"])
+    return rows
+
+
+def _overlap_lines(mine: dict) -> list[str]:
+    """The disentanglement table (1 - cos θ1 per attribute pair, beside the random reference)."""
+    scores = [
+        (pair, s["col_score"], s["row_score"])
+        for layer in mine["layers"].values()
+        for pair, s in layer["overlaps"].items()
+    ]
+    if not scores:
+        return []
+    reference = mine.get("random_overlaps", {})
+
+    def ref(pair: str, side: str) -> str:
+        return f"{reference[pair][side]:.3f}" if pair in reference else "–"
+
+    rows = [
+        [
+            pair.replace("|", " / "),
+            f"{v['col']:.3f}",
+            ref(pair, "col"),
+            f"{v['row']:.3f}",
+            ref(pair, "row"),
+            f"{min(s[1] for s in scores if s[0] == pair):.3f}",
+        ]
+        for pair, v in mine["mean_overlaps"].items()
+    ]
+    lines = [
+        "",
+        "Disentanglement, 1 - cos θ1 (1 = orthogonal, 0 = a shared direction), mean over "
+        "layers; the random reference is the same score for random subspaces of the same sizes "
+        "(16 draws per layer):",
+        "",
+    ]
+    header = ["attribute pair", "columns (U)", "random ref.", "rows (V)", "random ref."]
+    lines += [*table([*header, "min over layers (U)"], rows), ""]
+    for side, key, index in (("column", "col", 1), ("row", "row", 2)):
+        values = [x[index] for x in scores]
+        above = sum(v > 0.5 for v in values) / len(values)
+        text = (
+            f"- {side} spaces: mean {statistics.fmean(values):.3f}, {100 * above:.0f}% of the "
+            f"{len(values)} (layer, pair) scores exceed 0.5"
+        )
+        if reference:
+            mean = statistics.fmean(r[key] for r in reference.values())
+            text += f"; random reference mean {mean:.3f}"
+        lines.append(text + ".")
+    return lines
+
+
+def _mining_section(info: dict) -> list[str]:
+    mine = info["mine"]
     lines = [
         "Rank d per layer and attribute (mean over blocks, min-max), and K of the integrated bank "
         "(after dropping directions already spanned):",
         "",
     ]
-    lines += table(["layer kind", *attributes, "K"], rows)
+    lines += table(["layer kind", *mine["attributes"], "K"], _rank_rows(mine))
     dropped = sum(layer["dropped"] for layer in mine["layers"].values())
     lines += [
         "",
@@ -142,50 +192,7 @@ def _mining_section(info: dict) -> list[str]:
         f"{mine['trainable_params']:,} trainable M entries; {dropped} mined directions dropped as "
         f"already spanned; IRLS stopped after {mine['iterations']} iterations.",
     ]
-    scores = [
-        (pair, s["col_score"], s["row_score"])
-        for layer in mine["layers"].values()
-        for pair, s in layer["overlaps"].items()
-    ]
-    if scores:
-        reference = mine.get("random_overlaps", {})
-
-        def ref(pair: str, side: str) -> str:
-            return f"{reference[pair][side]:.3f}" if pair in reference else "–"
-
-        rows = [
-            [
-                pair.replace("|", " / "),
-                f"{v['col']:.3f}",
-                ref(pair, "col"),
-                f"{v['row']:.3f}",
-                ref(pair, "row"),
-                f"{min(s[1] for s in scores if s[0] == pair):.3f}",
-            ]
-            for pair, v in mine["mean_overlaps"].items()
-        ]
-        lines += [
-            "",
-            "Disentanglement, 1 - cos θ1 (1 = orthogonal, 0 = a shared direction), mean over "
-            "layers; the random reference is the same score for random subspaces of the same sizes "
-            "(16 draws per layer):",
-            "",
-        ]
-        header = ["attribute pair", "columns (U)", "random ref.", "rows (V)", "random ref."]
-        lines += table([*header, "min over layers (U)"], rows)
-        lines.append("")
-        for side, key, index in (("column", "col", 1), ("row", "row", 2)):
-            values = [x[index] for x in scores]
-            above = sum(v > 0.5 for v in values) / len(values)
-            text = (
-                f"- {side} spaces: mean {statistics.fmean(values):.3f}, {100 * above:.0f}% of the "
-                f"{len(values)} (layer, pair) scores exceed 0.5"
-            )
-            if reference:
-                mean = statistics.fmean(r[key] for r in reference.values())
-                text += f"; random reference mean {mean:.3f}"
-            lines.append(text + ".")
-    return lines
+    return lines + _overlap_lines(mine)
 
 
 def _method_row(r: dict) -> list[str]:

@@ -15,7 +15,7 @@ from attrspace.models.vggt import VGGT, VGGTConfig
 from attrspace.models.vggt.checkpoint import load_checkpoint, normalize_key
 
 # Key names and shapes of the official VGGT-1B checkpoint (all 1,797 tensors, no weights).
-KEYS_TSV = Path(__file__).parent / "data" / "vggt_1b_state_dict_keys.tsv"
+KEYS_TSV = Path(__file__).parents[2] / "fixtures" / "vggt_1b_state_dict_keys.tsv"
 
 
 def _official_keys() -> dict[str, tuple[int, ...]]:

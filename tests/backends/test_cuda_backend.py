@@ -1,6 +1,6 @@
-"""The CUDA backend (csrc/subspace_linear*.cu*, attrspace._cuda_backend) against attrspace.reference.
+"""The CUDA backend (csrc/subspace_linear*.cu*, attrspace.backends.cuda_backend) against attrspace.adapters.reference.
 
-On a machine without a GPU the kernels still run: tests/cuda_emulation compiles the same kernel
+On a machine without a GPU the kernels still run: tests/backends/cuda_emulation compiles the same kernel
 headers with the host compiler, replacing the few PTX instructions (ldmatrix, mma.sync, cp.async) by
 emulations written from the PTX fragment layouts, and runs each block as 256 threads. That checks the
 index math, ragged-tail masks, fragment layouts and the tile schedule of every dtype; the GPU tests at

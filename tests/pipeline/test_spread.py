@@ -13,7 +13,7 @@ import pytest
 TIMING_KEYS = {"seconds", "step_ms", "train_seconds", "wall_seconds", "started", "finished"}
 
 
-WORKER = Path(__file__).with_name("pipeline_ranks_worker.py")
+WORKER = Path(__file__).with_name("spread_worker.py")
 
 
 def run(command: list[str], out: Path) -> None:

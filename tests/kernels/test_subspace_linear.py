@@ -1,4 +1,4 @@
-"""The Triton kernels of the adapted layer against attrspace.reference.
+"""The Triton kernels of the adapted layer against attrspace.adapters.reference.
 
 Without a GPU the kernels run in the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so
 the shapes stay small: a few programs of 32 x 32 blocks each. Outputs are written into NaN-filled

@@ -20,7 +20,7 @@ from attrspace.models.vggt.params import (
 )
 
 # Key names and shapes of the official VGGT-1B checkpoint (all 1,797 tensors, no weights).
-KEYS_TSV = Path(__file__).parent / "data" / "vggt_1b_state_dict_keys.tsv"
+KEYS_TSV = Path(__file__).parents[2] / "fixtures" / "vggt_1b_state_dict_keys.tsv"
 
 
 @pytest.fixture(scope="module")

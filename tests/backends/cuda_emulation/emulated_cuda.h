@@ -1,5 +1,5 @@
 // A CPU stand-in for the CUDA features the attrspace kernels use, so their index math, fragment
-// layouts, masks and synchronisation can be checked without a GPU (tests/test_cuda_backend.py).
+// layouts, masks and synchronisation can be checked without a GPU (tests/backends/test_cuda_backend.py).
 //
 // A block runs as kThreads fibers (ucontext) on one OS thread, switched only at synchronisation
 // points: __syncthreads is a barrier of the block, and each warp-collective instruction (ldmatrix,

@@ -2,7 +2,7 @@
 
 Without a GPU they run in the Triton interpreter, which must be switched on before attrspace.kernels is
 imported (tests/conftest.py does the same). Tolerances: 1e-5 (float32) and 1e-12 (float64) relative to
-the operands' scale, as for the other fp32 kernels (design section 3).
+the operands' scale, as for the other fp32 kernels (docs/design.md §5).
 """
 
 import os

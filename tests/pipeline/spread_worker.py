@@ -1,5 +1,5 @@
-"""Runs the reduced study preset into OUT: `python tests/pipeline_ranks_worker.py OUT`, or under
-`torchrun --nproc_per_node=2 tests/pipeline_ranks_worker.py OUT` (tests/test_pipeline_ranks.py)."""
+"""Runs the reduced study preset into OUT: `python tests/pipeline/spread_worker.py OUT`, or under
+`torchrun --nproc_per_node=2 tests/pipeline/spread_worker.py OUT` (tests/pipeline/test_spread.py)."""
 
 import json
 import sys

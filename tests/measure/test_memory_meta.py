@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from attrspace.measure.memory_meta import _FlashLikeAttention, flash_attention_accounting
 from attrspace.measure.profiling import saved_tensor_records, storage_key
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import vggt_memory
 
 from attrspace.models.vggt import VGGTConfig
