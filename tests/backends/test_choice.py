@@ -11,7 +11,8 @@ import torch
 import attrspace
 from attrspace import backends
 from attrspace.adapters.functional import subspace_linear
-from attrspace.backends import measured, torch_backend
+from attrspace.backends import choice as measured
+from attrspace.backends import torch_backend
 from attrspace.testing import layer_inputs
 
 
