@@ -13,17 +13,19 @@ import math
 import os
 import re
 import shutil
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import regex
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor, nn
 
 from attrspace.adapters.nn import LoRAConv2d, LoRALinear
 from attrspace.util.checks import positive_finite, positive_int
-from attrspace.util.files import read_safetensors
+from attrspace.util.files import BadFileError, parse_json, read_safetensors, read_text
 from attrspace.util.folders import fsync_path, staged_folder
 
 CONFIG_NAME = "adapter_config.json"
@@ -31,6 +33,11 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 _README = "README.md"  # peft writes a model card; kept when a folder is replaced
 _PREFIX = "base_model.model."
 _KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])(?:\.default)?\.weight$")
+# Wall-clock budget of all the regex matching of one adapter folder. Honest patterns match a module
+# name in microseconds; one that backtracks catastrophically would take years (see _Patterns).
+MATCH_BUDGET_S = 2.0
+# An adapter config is a few kilobytes; a megabyte leaves room for a rank_pattern per layer.
+_CONFIG_LIMIT = 1 << 20
 
 
 class AdapterFileError(ValueError):
@@ -157,43 +164,107 @@ def write_adapter_folder(
             )
         keep = [folder / _README] if _README in present else []
     text = json.dumps(config, indent=2, allow_nan=False)
+    for key, t in tensors.items():  # named by layer here: the read-back below sees a temp folder
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            match = _KEY.match(key)
+            layer = f"layer {match.group(1)}: lora_{match.group(2)}" if match else key
+            raise ValueError(f"{layer} holds NaN or Inf; nothing was written to {folder}")
     with staged_folder(folder) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        # save() + write_bytes, not save_file: a full disk is an OSError naming the file, where
+        # safetensors' own writer raises a SafetensorError.
+        (tmp / WEIGHTS_NAME).write_bytes(save(tensors, metadata={"format": "pt"}))
         (tmp / CONFIG_NAME).write_text(text)
         for path in keep:
             shutil.copy2(path, tmp / path.name)
         for path in tmp.iterdir():
             fsync_path(path)
-        load_peft(tmp)  # what was written reads back as a consistent adapter
+        try:
+            load_peft(tmp)  # what was written reads back as a consistent adapter
+        except AdapterFileError as exc:
+            raise AdapterFileError(str(exc).replace(str(tmp), str(folder))) from exc
         fsync_path(tmp)
     return folder
 
 
-def _pattern_value(name: str, pattern: dict, default):
-    """peft's rank_pattern / alpha_pattern: the first key whose regex matches the name's dotted end."""
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
+class _Patterns:
+    """target_modules (when a regex) and the rank_pattern / alpha_pattern keys of one config,
+    compiled once and matched as peft does (`re.fullmatch(target_modules, name)`,
+    `re.match(rf"(.*\\.)?({key})$", name)`).
+
+    A pattern `re` cannot compile is an AdapterFileError naming the key. Matching is bounded in
+    time rather than by rules on the pattern's shape: a shape rule (no nested quantifiers) would
+    refuse honest patterns such as `(?:\\w+\\.)*qkv` and still pass slow ones such as `.*.*.*.*x`.
+    So the patterns are matched with the `regex` module (re's syntax; it avoids much of the
+    backtracking and takes a timeout), all of one folder's matches sharing MATCH_BUDGET_S; a
+    pattern that runs out is an AdapterFileError naming it, never a hang."""
+
+    def __init__(self, path: Path, config: dict) -> None:
+        self.path = path
+        self.deadline = time.monotonic() + MATCH_BUDGET_S
+        targets = config["target_modules"]
+        self.targets = (
+            self._compile("target_modules", targets, targets) if isinstance(targets, str) else None
+        )
+        self.listed = targets if isinstance(targets, list) else []
+        self.patterns = {
+            key: [
+                (self._compile(f"{key}[{k!r}]", k, rf"(.*\.)?({k})$"), k, v)
+                for k, v in (config.get(key) or {}).items()
+            ]
+            for key in ("rank_pattern", "alpha_pattern")
+        }
+
+    def _compile(self, what: str, pattern: str, full: str):
+        for text in dict.fromkeys((pattern, full)):
+            try:
+                re.compile(text)  # what peft compiles
+            except (re.error, RecursionError, OverflowError) as exc:
+                raise AdapterFileError(
+                    f"{self.path}: {what} is not a valid regular expression ({exc}); fix or "
+                    "remove it"
+                ) from None
+        try:
+            return regex.compile(full)
+        except (regex.error, RecursionError, OverflowError) as exc:
+            raise AdapterFileError(f"{self.path}: {what} cannot be matched ({exc})") from None
+
+    def _run(self, compiled, method: str, name: str, what: str):
+        left = self.deadline - time.monotonic()
+        try:
+            return getattr(compiled, method)(name, timeout=max(left, 1e-3))
+        except TimeoutError:
+            raise AdapterFileError(
+                f"{self.path}: {what} {compiled.pattern!r} did not finish matching the module "
+                f"names within {MATCH_BUDGET_S:g} s (catastrophic backtracking); write it without "
+                "nested repetition, or list the module names"
+            ) from None
+
+    def targeted(self, name: str) -> bool:
+        """Whether target_modules (list of names / dotted ends, or one regex) selects `name`."""
+        if self.targets is not None:
+            return self._run(self.targets, "fullmatch", name, "target_modules") is not None
+        return any(_ends_with(name, t) for t in self.listed)
+
+    def value(self, key: str, name: str, default):
+        """peft's rank_pattern / alpha_pattern: the first key whose regex matches the name's
+        dotted end."""
+        for compiled, k, value in self.patterns[key]:
+            if self._run(compiled, "match", name, f"{key}[{k!r}]") is not None:
+                return value
+        return default
 
 
-def _targets(name: str, targets) -> bool:
-    """Whether peft's `target_modules` (list of names / dotted ends, or one regex) selects `name`."""
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
+def _ends_with(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
 
 
 def _read_config(path: Path) -> dict:
     try:
-        text = path.read_bytes().decode("utf-8")
-        config = json.loads(text)
+        config = parse_json(read_text(path, limit=_CONFIG_LIMIT), str(path))
+    except BadFileError as exc:
+        raise AdapterFileError(str(exc)) from None
     except OSError as exc:
         raise AdapterFileError(f"{path}: cannot read the adapter config ({exc})") from exc
-    except UnicodeDecodeError as exc:
-        raise AdapterFileError(f"{path}: the adapter config is not UTF-8 text ({exc})") from exc
-    except json.JSONDecodeError as exc:
-        raise AdapterFileError(f"{path}: the adapter config is not JSON ({exc})") from exc
     if not isinstance(config, dict):
         raise AdapterFileError(
             f"{path}: the adapter config must be a JSON object, got a {type(config).__name__}"
@@ -247,11 +318,9 @@ def load_peft(folder: str | os.PathLike) -> dict[str, LoRAFactors]:
         parts.setdefault(match.group(1), {})[match.group(2)] = t
     if not parts:
         raise AdapterFileError(f"{folder / WEIGHTS_NAME}: holds no LoRA weights")
-    targets = config["target_modules"]
-    untargeted = sorted(n for n in parts if not _targets(n, targets))
-    unused = []
-    if isinstance(targets, list):
-        unused = sorted(t for t in targets if not any(_targets(n, [t]) for n in parts))
+    patterns = _Patterns(config_path, config)
+    untargeted = sorted(n for n in parts if not patterns.targeted(n))
+    unused = sorted(t for t in patterns.listed if not any(_ends_with(n, t) for n in parts))
     if untargeted or unused:
         raise AdapterFileError(
             f"{folder}: {CONFIG_NAME} and {WEIGHTS_NAME} name different modules: "
@@ -265,8 +334,8 @@ def load_peft(folder: str | os.PathLike) -> dict[str, LoRAFactors]:
                 f"{folder}: layer {name}: has only lora_{sorted(pair)}, needs A and B"
             )
         A, B = pair["A"], pair["B"]
-        r = _pattern_value(name, config.get("rank_pattern") or {}, config["r"])
-        alpha = _pattern_value(name, config.get("alpha_pattern") or {}, config["lora_alpha"])
+        r = patterns.value("rank_pattern", name, config["r"])
+        alpha = patterns.value("alpha_pattern", name, config["lora_alpha"])
         if A.ndim not in (2, 4) or B.ndim != A.ndim or A.shape[0] != r or B.shape[1] != r:
             problems.append(
                 f"layer {name}: A {tuple(A.shape)} and B {tuple(B.shape)} do not fit rank {r}"

@@ -1,5 +1,8 @@
-"""Files written atomically (`atomic_path`, the one writer) and safetensors read back with clear
-errors."""
+"""Files written atomically (`atomic_path`, the one writer) and read back within bounds
+(`read_bytes` / `read_text` / `read_json` / `regular_file`, the one reader): what a reader opens
+must be a regular file (a FIFO would block it forever, a link to /dev/zero would fill memory), of a
+bounded size, and JSON of a bounded depth; anything else is a BadFileError naming the path and what
+it found."""
 
 from __future__ import annotations
 
@@ -7,6 +10,8 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,9 +32,107 @@ def checksum(tensors: dict[str, Tensor]) -> str:
     return digest.hexdigest()
 
 
+# Configs, caches, markers, run logs and safetensors headers are kilobytes; 64 MiB leaves room for
+# any honest one and keeps a wrong file from filling memory.
+MAX_TEXT_BYTES = 64 << 20
+# Nesting deeper than any file this package writes or reads (peft configs, markers: under 10).
+MAX_JSON_DEPTH = 100
+
+
+class BadFileError(ValueError):
+    """A file a reader refuses: not a regular file, too large, not UTF-8, or JSON it cannot hold."""
+
+
+def describe_kind(mode: int) -> str:
+    """What a non-regular file is, in words."""
+    for test, words in (
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a folder"),
+    ):
+        if test(mode):
+            return words
+    return "not a regular file"
+
+
+def regular_file(path: Path) -> os.stat_result:
+    """The stat of `path` (links followed) when it is a regular file; BadFileError saying what it is
+    otherwise. A stat never blocks, an open of a FIFO does: every reader calls this first."""
+    path = Path(path)
+    info = os.stat(path)  # FileNotFoundError / PermissionError name the path themselves
+    if not stat.S_ISREG(info.st_mode):
+        via = f" a link to {os.path.realpath(path)}, which" if path.is_symlink() else ""
+        raise BadFileError(
+            f"{path}:{via} is {describe_kind(info.st_mode)}, not a regular file; "
+            "replace it with the file it should be"
+        )
+    return info
+
+
+def read_bytes(path: Path, limit: int = MAX_TEXT_BYTES) -> bytes:
+    """The bytes of regular file `path`, at most `limit` of them (BadFileError beyond). Opened
+    non-blocking, and checked again on the open descriptor, so a FIFO swapped in after the stat is
+    refused, not waited on."""
+    path = Path(path)
+    regular_file(path)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise BadFileError(f"{path}: is {describe_kind(info.st_mode)}, not a regular file")
+        if info.st_size > limit:
+            raise BadFileError(
+                f"{path}: is {info.st_size} bytes, more than the {limit} this file can hold; "
+                "is it the right file?"
+            )
+        data = f.read(limit + 1)
+    if len(data) > limit:  # grew while it was read
+        raise BadFileError(f"{path}: holds more than {limit} bytes; is it the right file?")
+    return data
+
+
+def read_text(path: Path, limit: int = MAX_TEXT_BYTES) -> str:
+    """read_bytes decoded as UTF-8; BadFileError naming the first byte that is not."""
+    data = read_bytes(path, limit)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadFileError(
+            f"{path}: not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start})"
+        ) from None
+
+
+def parse_json(text: str | bytes, where: str, max_depth: int = MAX_JSON_DEPTH, **kwargs):
+    """json.loads with the nesting bounded: BadFileError (never a RecursionError) naming `where`."""
+    try:
+        value = json.loads(text, **kwargs)
+    except RecursionError:
+        raise BadFileError(f"{where}: JSON nested too deep to read") from None
+    except ValueError as exc:  # JSONDecodeError, or a parse hook's refusal
+        raise BadFileError(f"{where}: not JSON ({exc})") from exc
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > max_depth:
+            raise BadFileError(f"{where}: JSON nested deeper than {max_depth} levels")
+        children = (
+            item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        )
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return value
+
+
+def read_json(path: Path, limit: int = MAX_TEXT_BYTES, max_depth: int = MAX_JSON_DEPTH):
+    """The JSON value of file `path`, read by read_text and parsed by parse_json."""
+    return parse_json(read_text(path, limit), str(path), max_depth)
+
+
 def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    if not path.is_file():
+    if not path.exists():
         raise ValueError(f"{path}: no such file")
+    regular_file(path)  # a FIFO or a device is said to be one (and never opened)
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -60,9 +163,36 @@ def atomic_path(path: Path) -> Iterator[Path]:
         finally:
             os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        mapped = os_error(exc, path, hide=tmp)
+        if mapped is not exc:
+            raise mapped from exc
         raise
+
+
+_RUST_OS_ERROR = re.compile(r"Os \{ code: (\d+)")
+
+
+def os_error(
+    exc: BaseException, path: Path, hide: str | os.PathLike | None = None
+) -> BaseException:
+    """The OSError a user should see for a failed write of `path`: an OSError that names no file,
+    or names the temporary file `hide`, is given `path`; a safetensors error caused by the system
+    (its message carries Rust's `Os { code: N }`, as a full disk gives) becomes that OSError.
+    Anything else is returned as it is."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        if exc.filename is None or (
+            hide is not None and os.fspath(exc.filename) == os.fspath(hide)
+        ):
+            return OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path))
+        return exc
+    if isinstance(exc, SafetensorError):
+        found = _RUST_OS_ERROR.search(str(exc))
+        if found:
+            code = int(found.group(1))
+            return OSError(code, os.strerror(code), str(path))
+    return exc
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

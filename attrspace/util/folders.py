@@ -7,13 +7,17 @@ it dies (SIGKILL included), so the lock of a dead process is simply taken over; 
 left is overwritten.
 
 `staged_folder` gives a fresh temporary folder beside a target; a clean exit replaces the target
-with it by renames, so readers see the old contents or the whole new set, never a mix.
+with it by renames, so readers see the old contents or the whole new set, never a mix. It holds the
+target's lock (`lock_beside`) meanwhile: a second writer of the same folder waits for the first and
+then replaces its result, in order. A target that cannot be renamed (a mount point: EBUSY, EXDEV)
+is filled in place instead, file by file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import functools
 import json
 import os
@@ -21,18 +25,31 @@ import secrets
 import shutil
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from attrspace.util.files import atomic_write_bytes
+from attrspace.util.files import BadFileError, atomic_path, atomic_write_bytes, os_error, read_json
 
 LOCK_SUFFIX = ".lock"
 OWNER_SUFFIX = ".lock.owner"
 _TEMP_SUFFIX = ".tmp"
 _OLD_SUFFIX = ".old"
+# How long a writer waits for another writer of the same folder (an export takes seconds; a stage
+# holds its run folder's lock, so its own folders are never contended).
+WRITER_WAIT_S = 600.0
+# errno of a rename that cannot move this folder, though the folder can be written: a mount point.
+_IMMOVABLE = (errno.EBUSY, errno.EXDEV)
+# errno of a renameat2 that this kernel, C library or file system does not offer.
+_NO_EXCHANGE = (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP)
+
+
+# Locks held by this process, by (folder of the lock file, its name, thread): another thread's
+# attempt conflicts through the flock as another process's would.
+_HELD: set[tuple[str, str, int]] = set()
 
 
 class FolderBusyError(RuntimeError):
@@ -41,26 +58,30 @@ class FolderBusyError(RuntimeError):
 
 def _holder(owner_file: Path) -> str:
     try:
-        info = json.loads(owner_file.read_text())
+        info = read_json(owner_file, limit=1 << 16)
         return (
             f"process {int(info['pid'])} on host {info['host']} (since {info['since']}: "
             f"{info['command']})"
         )
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, BadFileError, ValueError, KeyError, TypeError):
         return "another process (its owner file is missing or unreadable)"
 
 
 @contextlib.contextmanager
-def folder_lock(folder: Path, lock_file: Path) -> Iterator[None]:
+def folder_lock(folder: Path, lock_file: Path, wait: float = 0.0) -> Iterator[None]:
     """Hold the exclusive lock `lock_file` for `folder` inside the block.
 
     Raises FolderBusyError naming the folder and the holder (pid, host, command) when another live
-    process holds it; never waits. Lock files stay in place (waiters must share one inode); the
-    owner side file is removed on release."""
+    process (or thread) still holds it after `wait` seconds (0: never waits). Lock files stay in
+    place (waiters must share one inode); the owner side file is removed on release."""
     folder, lock_file = Path(folder), Path(lock_file)
+    key = (os.path.realpath(lock_file.parent), lock_file.name, threading.get_ident())
+    if key in _HELD:  # this thread holds it already (render command -> staged_folder): reentrant
+        yield
+        return
     owner_file = lock_file.with_name(lock_file.name.removesuffix(LOCK_SUFFIX) + OWNER_SUFFIX)
     # fallback_to_soft=False: a soft lock (a marker file) outlives a killed holder, a flock does not.
-    lock = FileLock(lock_file, timeout=0, fallback_to_soft=False, thread_local=False)
+    lock = FileLock(lock_file, timeout=wait, fallback_to_soft=False, thread_local=False)
     try:
         lock.acquire()
     except Timeout:
@@ -77,9 +98,11 @@ def folder_lock(folder: Path, lock_file: Path) -> Iterator[None]:
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         }
         atomic_write_bytes(owner_file, json.dumps(owner).encode())
+        _HELD.add(key)
         try:
             yield
         finally:
+            _HELD.discard(key)
             owner_file.unlink(missing_ok=True)
     finally:
         lock.release()
@@ -124,14 +147,19 @@ def _alive(pid: int) -> bool:
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two existing paths in one step (Linux renameat2 RENAME_EXCHANGE): a reader opening files
     under either name sees the old folder or the new one, never neither. False where the kernel, the
-    C library or the file system cannot do it (the caller then renames twice)."""
+    C library or the file system cannot do it (the caller then renames twice); OSError for any other
+    failure (EBUSY of a mount point)."""
     rename_exchange = 2
     renameat2 = getattr(_libc(), "renameat2", None)
     if renameat2 is None:
         return False
     at_fdcwd = -100
-    done = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
-    return done == 0
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in _NO_EXCHANGE:
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 @functools.cache
@@ -157,9 +185,21 @@ def replace_folder(new: Path, folder: Path) -> None:
     """Put folder `new` in the place of `folder` (which may be absent; a link to a folder is
     followed). Where the system can, the two are exchanged in one step and the old contents deleted
     afterwards, so a reader never finds `folder` missing; elsewhere the old one is renamed aside and
-    put back if the second rename fails. Leftovers of a kill are hidden siblings that
-    remove_leftovers deletes."""
+    put back if the second rename fails. A folder that cannot be renamed (a mount point) is filled
+    in place (`fill_in_place`). Leftovers of a kill are hidden siblings that remove_leftovers
+    deletes."""
     new, folder = Path(new), resolve_destination(folder)
+    try:
+        _swap(new, folder)
+    except OSError as exc:
+        if exc.errno not in _IMMOVABLE or not folder.is_dir():
+            raise
+        fill_in_place(new, folder)
+        shutil.rmtree(new, ignore_errors=True)
+    fsync_path(folder.parent)
+
+
+def _swap(new: Path, folder: Path) -> None:
     if not folder.exists():
         os.rename(new, folder)
     elif _exchange(new, folder):
@@ -173,7 +213,34 @@ def replace_folder(new: Path, folder: Path) -> None:
             os.rename(old, folder)
             raise
         shutil.rmtree(old, ignore_errors=True)
-    fsync_path(folder.parent)
+
+
+def fill_in_place(new: Path, folder: Path) -> None:
+    """Make `folder` hold exactly what `new` holds without renaming `folder` (a mount point cannot
+    be renamed): every file is copied in and replaces its namesake atomically, then what `new` does
+    not hold is deleted. A reader sees each file old or new whole, but may see a mix of the two sets
+    meanwhile; the one-step swap needs a folder that can be renamed."""
+    new, folder = Path(new), Path(folder)
+    for src in sorted(new.rglob("*")):
+        dst = folder / src.relative_to(new)
+        if src.is_dir() and not src.is_symlink():
+            if dst.is_symlink() or (dst.exists() and not dst.is_dir()):
+                dst.unlink()
+            dst.mkdir(exist_ok=True)
+            continue
+        if dst.is_dir() and not dst.is_symlink():
+            shutil.rmtree(dst)
+        with atomic_path(dst) as tmp:
+            shutil.copy2(src, tmp)
+        fsync_path(dst.parent)
+    keep = {p.relative_to(new) for p in new.rglob("*")}
+    for path in sorted(folder.rglob("*"), reverse=True):  # children before their folder
+        if path.relative_to(folder) not in keep:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+    fsync_path(folder)
 
 
 def fsync_path(path: Path) -> None:
@@ -186,17 +253,35 @@ def fsync_path(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged_folder(folder: Path) -> Iterator[Path]:
+def staged_folder(folder: Path, wait: float = WRITER_WAIT_S) -> Iterator[Path]:
     """A new empty folder beside `folder` to write into; a clean exit replaces `folder` with it
-    (replace_folder), an exception deletes it and leaves `folder` as it was."""
+    (replace_folder), an exception deletes it and leaves `folder` as it was. The lock beside
+    `folder` is held throughout: another writer of it waits up to `wait` seconds, then gets
+    FolderBusyError naming the holder. An OSError names the file under `folder` it was about, not
+    the temporary folder's."""
     folder = resolve_destination(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(folder)
-    tmp = _sibling(folder, _TEMP_SUFFIX)
-    os.mkdir(tmp)  # not mkdtemp: its 0700 mode would become the folder's mode
+    with folder_lock(folder, lock_beside(folder), wait=wait):
+        remove_leftovers(folder)
+        tmp = _sibling(folder, _TEMP_SUFFIX)
+        os.mkdir(tmp)  # not mkdtemp: its 0700 mode would become the folder's mode
+        try:
+            yield tmp
+            replace_folder(tmp, folder)
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            mapped = _in_destination(os_error(exc, folder), tmp, folder)
+            if mapped is not exc:
+                raise mapped from exc
+            raise
+
+
+def _in_destination(exc: BaseException, tmp: Path, folder: Path) -> BaseException:
+    """`exc` with a path under the temporary folder `tmp` renamed to the same path under `folder`."""
+    if not isinstance(exc, OSError) or exc.filename is None or exc.errno is None:
+        return exc
     try:
-        yield tmp
-        replace_folder(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        rel = Path(os.fsdecode(exc.filename)).relative_to(tmp)
+    except ValueError:
+        return exc
+    return OSError(exc.errno, exc.strerror, str(folder / rel))

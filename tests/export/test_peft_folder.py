@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import attrspace.export.peft_folder as peft_io
+import attrspace.util.folders as folders
 from attrspace import (
     AdapterFileError,
     inject_lora,
@@ -252,7 +253,12 @@ def test_save_replaces_a_folder_in_one_step(tmp_path):
     key = "base_model.model.blocks.0.attn.qkv.lora_B.weight"
     assert torch.equal(weights[key], second.blocks[0].attn.qkv.lora_B.weight)
     assert (folder / "README.md").read_text() == "model card"
-    assert sorted(os.listdir(tmp_path)) == ["adapter"]  # no temporary or old folder left
+    assert _visible(tmp_path) == ["adapter"]  # no temporary or old folder left
+
+
+def _visible(parent):
+    """The names in `parent` but the lock file that stays beside a written folder."""
+    return sorted(n for n in os.listdir(parent) if not n.endswith((".lock", ".lock.owner")))
 
 
 @pytest.mark.parametrize("fault", ["verify", "rename"])
@@ -262,7 +268,7 @@ def test_failed_save_leaves_the_old_folder_untouched(tmp_path, monkeypatch, faul
     before = _snapshot(folder)
     if fault == "verify":  # both new files written, then the read-back fails
         monkeypatch.setattr(peft_io, "load_peft", lambda _: (_ for _ in ()).throw(OSError("disk")))
-    else:  # the old folder was set aside, then moving the new one in fails
+    else:  # no exchange here: the old folder was set aside, then moving the new one in fails
         real = os.rename
         calls = []
 
@@ -272,12 +278,13 @@ def test_failed_save_leaves_the_old_folder_untouched(tmp_path, monkeypatch, faul
                 raise OSError("rename failed")
             return real(src, dst)
 
-        monkeypatch.setattr(peft_io.os, "rename", rename)
+        monkeypatch.setattr(folders, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(folders.os, "rename", rename)
     with pytest.raises(OSError, match=r"disk|rename failed"):
         save_peft(trained_lora_model(1), folder)
     monkeypatch.undo()
     assert _snapshot(folder) == before
-    assert sorted(os.listdir(tmp_path)) == ["adapter"]
+    assert _visible(tmp_path) == ["adapter"]
 
 
 def test_save_refuses_a_folder_with_other_files(tmp_path):
