@@ -151,7 +151,7 @@ class Status(dict):
             lines.append(
                 "auto chose (device dtype d_in d_out K tokens<=bucket: backend, ms per pass):"
             )
-            lines += [f"  {choice.describe(key, choice)}" for key, choice in self.choices.items()]
+            lines += [f"  {choice.describe(key, picked)}" for key, picked in self.choices.items()]
         else:
             lines.append("auto has measured nothing yet in this process")
         return "\n".join(lines)

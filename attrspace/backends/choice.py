@@ -31,9 +31,11 @@ from torch import Tensor
 
 from attrspace.backends.registry import implementation, names
 from attrspace.measure.profiling import time_steps
-from attrspace.util.files import atomic_write_bytes
+from attrspace.util.files import atomic_write_bytes, parse_json, read_text
 
 CACHE_VERSION = 1
+# The cache holds one line per layer shape timed: a few kilobytes.
+_CACHE_LIMIT = 4 << 20
 CACHE_FILE = "backend_choice.json"
 TIMED_RUNS = 5
 
@@ -220,7 +222,7 @@ _FIELDS = ("device", "dtype", "d_in", "d_out", "rank", "bucket")
 
 def _parse(text: str) -> dict[Key, Choice]:
     """The entries of a cache file; ValueError saying what is wrong with it."""
-    data = json.loads(text)
+    data = parse_json(text, "the file")
     if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
         raise ValueError(f"not a version-{CACHE_VERSION} attrspace backend-choice file")
     entries = data.get("entries")
@@ -254,7 +256,9 @@ def read_cache() -> dict[Key, Choice]:
     """The valid entries of the cache file; a missing file is empty, a corrupt one warns."""
     path = cache_path()
     try:
-        text = path.read_text(encoding="utf-8")
+        # read_text: a FIFO or device in its place is refused, not waited on or read forever;
+        # bytes that are not UTF-8 are a corrupt file like any other (BadFileError).
+        return _parse(read_text(path, limit=_CACHE_LIMIT))
     except FileNotFoundError:
         return {}
     except OSError as exc:
@@ -262,8 +266,6 @@ def read_cache() -> dict[Key, Choice]:
             f"cannot read backend-choice cache {path} ({exc}); timing again", stacklevel=3
         )
         return {}
-    try:
-        return _parse(text)
     except (ValueError, TypeError) as exc:
         warnings.warn(
             f"ignoring corrupt backend-choice cache {path} ({exc}); it will be rewritten",

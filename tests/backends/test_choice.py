@@ -3,6 +3,7 @@ what is remembered in memory and on disk, corrupt cache files, the forcing envir
 torch.compile seeing a constant. No timing is asserted: the fake timer decides who is fastest."""
 
 import json
+import os
 import types
 
 import pytest
@@ -12,7 +13,7 @@ import attrspace
 from attrspace import backends
 from attrspace.adapters.functional import subspace_linear
 from attrspace.backends import choice as measured
-from attrspace.backends import torch_backend
+from attrspace.backends import registry, torch_backend
 from attrspace.testing import layer_inputs
 
 
@@ -56,9 +57,9 @@ def fake(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.delenv(backends.ENV_FORCE, raising=False)
-    monkeypatch.setitem(backends._MODULES, "fake", "tests.fake")
-    monkeypatch.setitem(backends._LOADED, "fake", _fake_backend(calls))
-    monkeypatch.setitem(backends._UNAVAILABLE, "fake", None)
+    monkeypatch.setitem(registry._MODULES, "fake", "tests.fake")
+    monkeypatch.setitem(registry._LOADED, "fake", _fake_backend(calls))
+    monkeypatch.setitem(registry._UNAVAILABLE, "fake", None)
     monkeypatch.setattr(backends, "candidates", lambda x, w, k: ["torch", "fake"])
     measured.forget()
     yield calls
@@ -72,7 +73,7 @@ def test_a_fast_backend_with_wrong_results_is_never_chosen(fake, monkeypatch):
         forward=lambda *a: tuple(t * 1.01 for t in torch_backend.forward(*a)),
         backward=torch_backend.backward,
     )
-    monkeypatch.setitem(backends._LOADED, "fake", wrong)
+    monkeypatch.setitem(registry._LOADED, "fake", wrong)
     timer = FakeTimer([0.003])  # only torch is timed
     monkeypatch.setattr(measured, "default_timer", timer)
     t = _inputs()
@@ -147,6 +148,32 @@ def test_corrupt_cache_is_ignored_with_a_warning_and_rewritten(fake, tmp_path, m
         assert measured._parse(path.read_text())  # rewritten, valid
 
 
+@pytest.mark.parametrize("fault", ["not-utf8", "deep", "fifo", "dev-zero"])
+def test_a_cache_that_is_no_text_file_is_ignored_with_a_warning_and_rewritten(
+    fake, tmp_path, monkeypatch, fault
+):
+    # Bytes that are not UTF-8 raised UnicodeDecodeError, deep nesting a RecursionError; a FIFO
+    # blocked the reader forever and a link to /dev/zero read until memory ran out.
+    path = tmp_path / "attrspace" / measured.CACHE_FILE
+    path.parent.mkdir(parents=True)
+    if fault == "not-utf8":
+        path.write_bytes(b'{"version": 1, "entries": [\xff\xfe]}')
+    elif fault == "deep":
+        path.write_text("[" * 100_000 + "]" * 100_000)
+    elif fault == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+    monkeypatch.setattr(measured, "default_timer", FakeTimer([0.002, 0.001]))
+    t = _inputs()
+    with pytest.warns(UserWarning, match="ignoring corrupt backend-choice cache") as seen:
+        assert backends.select("auto", t["x"], t["weight"], 4) == "fake"
+    words = {"not-utf8": "not UTF-8", "deep": "nested", "fifo": "FIFO", "dev-zero": "device"}
+    assert any(words[fault] in str(w.message) for w in seen)
+    assert path.is_file() and not path.is_symlink()
+    assert measured._parse(path.read_text())  # rewritten, valid
+
+
 def test_a_cached_choice_that_cannot_run_is_timed_again(fake, monkeypatch):
     t = _inputs()
     key = measured.key_of(t["x"], t["weight"], 4)
@@ -158,7 +185,7 @@ def test_a_cached_choice_that_cannot_run_is_timed_again(fake, monkeypatch):
 
 
 def test_a_backend_failing_while_timed_is_left_out_with_a_warning(fake, monkeypatch):
-    monkeypatch.setitem(backends._LOADED, "fake", _fake_backend([], fail=True))
+    monkeypatch.setitem(registry._LOADED, "fake", _fake_backend([], fail=True))
     monkeypatch.setattr(measured, "default_timer", lambda step, device: step() or 1.0)
     t = _inputs()
     with pytest.warns(UserWarning, match="fake: RuntimeError: launch failed"):
@@ -182,7 +209,7 @@ def test_environment_variable_forces_a_backend(fake, monkeypatch):
     monkeypatch.setenv(backends.ENV_FORCE, "torch")
     assert backends.select("auto", t["x"], t["weight"], 4) == "torch"
     assert timer.calls == 0
-    monkeypatch.setitem(backends._UNAVAILABLE, "fake", "fake has no device")
+    monkeypatch.setitem(registry._UNAVAILABLE, "fake", "fake has no device")
     monkeypatch.setenv(backends.ENV_FORCE, "fake")
     with pytest.raises(
         ValueError, match=r"backend 'fake' \(forced by ATTRSPACE_BACKEND\) cannot run"
