@@ -20,6 +20,7 @@ from attrspace.adapters.nn import (
     LoRALinear,
     SubspaceLinear,
     conv_arguments,
+    refuse_non_finite,
 )
 from attrspace.bank import SubspaceBank
 from attrspace.util.checks import positive_finite, positive_int, probability
@@ -192,7 +193,7 @@ def inject_lora(
     return _report(model, "lora", [n for n, _ in chosen])
 
 
-def _plain(module: nn.Module, merge: bool) -> nn.Module:
+def _plain(module: nn.Module, merge: bool, name: str = "") -> nn.Module:
     if isinstance(module, nn.Conv2d):
         plain = nn.Conv2d(**conv_arguments(module), device="meta")
     else:
@@ -202,6 +203,7 @@ def _plain(module: nn.Module, merge: bool) -> nn.Module:
     if merge:
         with torch.no_grad():
             delta = module.delta_weight().reshape(module.weight.shape)
+            refuse_non_finite(delta, "uninject(merge=True)", name)
             plain.weight = nn.Parameter(
                 (module.weight.to(delta.dtype) + delta).to(module.weight.dtype)
             )
@@ -230,7 +232,7 @@ def uninject(model: nn.Module, merge: bool = False) -> list[str]:
             " the updates"
         )
     # Every plain module is built before the first swap, so a failure leaves the model as it was.
-    plain = {name: _plain(model.get_submodule(name), merge) for name in names}
+    plain = {name: _plain(model.get_submodule(name), merge, name) for name in names}
     _swap_all(model, plain)
     flags = getattr(model, _SAVED_FLAGS, None)
     if flags is not None:

@@ -80,6 +80,18 @@ def _refuse_sharded(module: nn.Module, what: str) -> None:
         )
 
 
+def refuse_non_finite(delta: Tensor, what: str, layer: str = "") -> None:
+    """A ValueError naming the layer when an adapter's update holds NaN or Inf (a diverged step):
+    folding it in would turn the frozen weight into NaN without a word."""
+    if not bool(torch.isfinite(delta).all()):
+        bad = int((~torch.isfinite(delta)).sum())
+        where = f"layer {layer}: " if layer else ""
+        raise ValueError(
+            f"{where}{what}: the adapter's update holds {bad} NaN or Inf entries (a diverged "
+            "training step?); nothing was merged; reload or retrain the adapter"
+        )
+
+
 def _frozen(t: Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
@@ -203,7 +215,12 @@ class SubspaceLinear(nn.Linear):
                 return t.to(device=out.device, dtype=torch.float32)
             return out
 
-        return super()._apply(keep_m_precision, recurse)
+        out = super()._apply(keep_m_precision, recurse)
+        if self._weight_before_merge is not None:
+            # not a buffer (it must stay out of state dicts), so moved and cast here: the weight a
+            # merged layer's state dict shows follows .double() / .to(device) like the others
+            self._weight_before_merge = fn(self._weight_before_merge)
+        return out
 
     @torch.no_grad()
     def delta_weight(self) -> Tensor:
@@ -224,6 +241,7 @@ class SubspaceLinear(nn.Linear):
         _refuse_sharded(self, "merge")
         original = self.weight.detach().clone()
         delta = self.delta_weight()
+        refuse_non_finite(delta, "merge")
         self.weight.copy_((original.to(delta.dtype) + delta).to(original.dtype))
         self._weight_before_merge = original
 

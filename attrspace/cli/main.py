@@ -74,9 +74,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _backends(args: argparse.Namespace) -> int:
     from attrspace.backends import status as backends
+    from attrspace.pipeline.workspace import check_environment
 
     for name, status in backends().items():
         print(f"{name:<8}{status}")
+    check_environment()  # a bad ATTRSPACE_BACKEND: the listing, then the error line
     return 0
 
 
@@ -141,6 +143,9 @@ def _preset_from_args(args: argparse.Namespace):
 
 def _check_pipeline(args: argparse.Namespace) -> None:
     """Every argument of a pipeline command, before any stage runs."""
+    from attrspace.pipeline.workspace import check_environment
+
+    check_environment()
     check_output_folder(args.out)
     if args.checkpoint is not None and not args.checkpoint.is_file():
         raise UsageError(f"--checkpoint {args.checkpoint}: no such file")
@@ -173,10 +178,13 @@ def _pipeline(until: str):
 
 
 def _check_report(args: argparse.Namespace) -> None:
+    from attrspace.pipeline.workspace import check_run_folder
+
     if not str(args.out).strip():
         raise UsageError("--out must name a run folder (got an empty path)")
     if not args.out.is_dir():
         raise UsageError(f"--out {args.out}: no such run folder")
+    check_run_folder(args.out)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -340,10 +348,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from attrspace.export.peft_folder import AdapterFileError
     from attrspace.pipeline.cache import StageFileError
     from attrspace.pipeline.workspace import RunInputError
+    from attrspace.util.files import BadFileError
     from attrspace.util.folders import FolderBusyError
 
     return (
         OSError,
+        BadFileError,
         UsageError,
         FolderBusyError,
         RunInputError,

@@ -32,7 +32,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from attrspace.util.files import atomic_write_bytes
+from attrspace.util.files import BadFileError, atomic_write_bytes, regular_file
+from attrspace.util.files import read_json as read_bounded_json
 from attrspace.util.folders import staged_folder
 
 MARKER = ".stage.json"
@@ -69,6 +70,10 @@ def digest(*parts) -> str:
 def file_sha256(path: Path) -> str:
     """sha256 of a file's bytes, read in 1 MiB chunks."""
     h = hashlib.sha256()
+    try:
+        regular_file(path)  # a FIFO would block the open, a device never end
+    except BadFileError as exc:
+        raise StageFileError(str(exc)) from None
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
@@ -83,8 +88,10 @@ def write_json_atomic(path: Path, data) -> None:
 def read_json(path: Path, required: tuple[str, ...] = ()) -> dict:
     """A JSON object written by the pipeline, with its required keys; StageFileError otherwise."""
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = read_bounded_json(Path(path))
+    except BadFileError as exc:
+        raise StageFileError(str(exc)) from None
+    except OSError as exc:
         raise StageFileError(f"{path}: cannot read JSON ({exc})") from exc
     if not isinstance(data, dict):
         raise StageFileError(f"{path}: expected a JSON object")
@@ -141,7 +148,10 @@ def verify_outputs(folder: Path, marker: dict) -> str | None:
     checksums; else what is wrong, naming the path."""
     folder = Path(folder)
     listed: dict = marker["files"]
-    present = output_files(folder)
+    try:
+        present = output_files(folder)
+    except StageFileError as exc:  # a FIFO or a device among the outputs
+        return str(exc)
     for rel, sha in sorted(listed.items()):
         if rel not in present:
             return f"{folder / rel}: missing (listed in {folder / MARKER})"

@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from attrspace.backends.registry import ENV_FORCE, check_forced_name
 from attrspace.data import MultiViewDataset, read_manifest
 from attrspace.models.vggt.checkpoint import load_checkpoint
 from attrspace.models.vggt.model import VGGT
-from attrspace.pipeline.cache import StageFileError, digest
+from attrspace.pipeline.cache import MARKER, StageFileError, digest
 from attrspace.pipeline.presets import Preset
+from attrspace.util.files import BadFileError, regular_file
 
 BASE_FILE = "model.safetensors"
 DIGEST_KEY = "attrspace_digest"
@@ -25,6 +28,35 @@ RUNS_FILE = "runs.json"  # OUT/runs.json: one record per command run on the fold
 class RunInputError(ValueError):
     """An input of a run that cannot work: a missing checkpoint or LoRA folder, a preset that needs
     a device this machine lacks. The CLI prints it as one line."""
+
+
+def check_environment() -> None:
+    """The environment variables a run reads, checked before any stage runs (a bad
+    ATTRSPACE_BACKEND would otherwise surface at the first adapted layer, after hours of work)."""
+    try:
+        check_forced_name(os.environ.get(ENV_FORCE))
+    except ValueError as exc:
+        raise RunInputError(str(exc)) from None
+
+
+def check_run_folder(out: str | os.PathLike) -> Path:
+    """`out` as a run folder to report on: one that a pipeline command wrote into (its run log or a
+    stage marker is there); RunInputError naming the path otherwise."""
+    out = Path(out)
+    if not out.is_dir():
+        raise RunInputError(f"{out}: no such run folder")
+    if (out / RUNS_FILE).exists() or any(out.glob(f"*/{MARKER}")) or any(out.glob(f"*/*/{MARKER}")):
+        return out
+    raise RunInputError(
+        f"{out}: not a run folder (no {RUNS_FILE} and no finished stage); "
+        f"run `attrspace run --out {shlex.quote(str(out))}` first"
+    )
+
+
+def command_line(*words) -> str:
+    """A command a user can paste into a shell: each word quoted where it needs it (paths with
+    spaces, quotes or $)."""
+    return shlex.join(str(w) for w in words)
 
 
 @dataclass
@@ -43,6 +75,7 @@ class Workspace:
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
+        check_environment()
         if self.checkpoint is not None:
             self.checkpoint = Path(self.checkpoint)
             if not self.checkpoint.is_file():
@@ -85,10 +118,10 @@ class Workspace:
     def redo_command(self, stage: str) -> str:
         """The command line that redoes `stage` of this run (for errors about files that a later
         stage cannot redo itself)."""
-        command = f"attrspace {stage} --preset {self.preset.name} --out {self.out}"
+        words = ["attrspace", stage, "--preset", self.preset.name, "--out", self.out]
         if self.checkpoint is not None:
-            command += f" --checkpoint {self.checkpoint}"
-        return command
+            words += ["--checkpoint", self.checkpoint]
+        return command_line(*words)
 
     def say(self, message: str) -> None:
         if self.progress:
@@ -137,8 +170,13 @@ class Workspace:
         path = self.base_file()
         if not self.preset.needs_checkpoint and expected_digest is not None:
             try:
+                regular_file(path)  # a FIFO would block safe_open; a device, map it
                 with safe_open(str(path), framework="pt") as f:
                     stored = (f.metadata() or {}).get(DIGEST_KEY)
+            except BadFileError as exc:
+                raise StageFileError(
+                    f"{exc}; `{self.redo_command('pretrain')}` redoes the base weights"
+                ) from None
             except Exception as exc:
                 raise StageFileError(
                     f"{path}: cannot read the base weights ({exc}); "

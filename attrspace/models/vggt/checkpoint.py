@@ -7,7 +7,6 @@ hub id such as "facebook/VGGT-1B" (downloaded with huggingface_hub, the optional
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -15,6 +14,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from attrspace.util.files import read_json, regular_file
 
 # Parts of the official model this package does not build; their keys are skipped when the model
 # lacks the module, with a report line.
@@ -112,6 +113,7 @@ class _Source:
         self.path = path
         self._safe = None
         self._dict: dict | None = None
+        regular_file(path)  # a FIFO would block the open, a device be mapped
         if path.endswith(".safetensors"):
             from safetensors import safe_open
 
@@ -151,8 +153,8 @@ class _Source:
 
 def _read_json(path: Path) -> dict:
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        obj = read_json(path)  # BadFileError (a ValueError) for a FIFO, not UTF-8, too deep
+    except OSError as err:
         raise ValueError(f"{path}: not a readable JSON file ({err})") from err
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
@@ -328,6 +330,7 @@ def load_checkpoint(
     *,
     strict: bool = True,
     revision: str | None = None,
+    copy: bool = False,
 ) -> LoadReport:
     """Load an official-layout checkpoint into `model` (a `VGGT`, before adapters are injected).
 
@@ -344,6 +347,12 @@ def load_checkpoint(
     strict: raise ValueError if anything is missing, unexpected or mis-shaped, before any tensor is
     touched; otherwise the report lists it (and, in a meta-built model, whatever is missing stays on
     the meta device). Returns a LoadReport (print it for a summary).
+
+    copy: give a meta-built model tensors of its own instead of views of the file's memory map
+    (one tensor at a time, so the peak is still one model plus one tensor). Without it the model
+    reads the checkpoint file for as long as it lives: writing over that file (torch.save to the
+    same path) kills the process with SIGBUS and leaves the file unreadable. A model built on a
+    real device always copies.
     """
     weights, report = _open_source(model, source, revision)
     targets = model.state_dict(keep_vars=True)
@@ -355,7 +364,7 @@ def load_checkpoint(
     if strict and not report.ok:
         raise ValueError(f"checkpoint does not fit the model:\n{report}")
     for raw_key, key in plan:
-        _assign(model, key, targets[key], weights.get(raw_key))
+        _assign(model, key, targets[key], weights.get(raw_key), copy)
         report.loaded.append(key)
     # Buffers outside the state dict (image normalisation) must be real after a meta build.
     aggregator = getattr(model, "aggregator", None)
@@ -364,13 +373,13 @@ def load_checkpoint(
     return report
 
 
-def _assign(model: nn.Module, key: str, target: Tensor, tensor: Tensor) -> None:
+def _assign(model: nn.Module, key: str, target: Tensor, tensor: Tensor, copy: bool) -> None:
     if not target.is_meta:
         with torch.no_grad():
             target.copy_(tensor)
         return
     owner, attr = _owner(model, key)
-    value = tensor.to(target.dtype)
+    value = tensor.to(target.dtype, copy=copy)
     if isinstance(target, nn.Parameter):
         owner.register_parameter(attr, nn.Parameter(value, requires_grad=target.requires_grad))
     else:

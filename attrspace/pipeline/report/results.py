@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 
 from attrspace.pipeline.cache import MARKER, StageFileError, read_json, read_marker, verify_outputs
-from attrspace.pipeline.workspace import RUNS_FILE
+from attrspace.pipeline.workspace import RUNS_FILE, command_line
 
 
 def _marker(folder: Path, redo: str) -> dict | None:
@@ -33,15 +33,17 @@ def collect(out: Path) -> dict:
     info: dict = {"runs": [], "data": {}, "loras": {}, "finetune": {}}
     if (out / RUNS_FILE).exists():
         info["runs"] = read_json(out / RUNS_FILE, ("runs",))["runs"]
-    used, redo = None, f"attrspace run --out {out}"
+    used, redo = None, command_line("attrspace", "run", "--out", out)
     if info["runs"]:
         last = info["runs"][-1]
         used = set(last["ran"]) | set(last["cached"])
         argv = last.get("argv")
         if isinstance(argv, list) and argv:
-            redo = "attrspace " + " ".join(map(str, argv))
+            redo = command_line("attrspace", *argv)
         else:
-            redo = f"attrspace {last['command']} --preset {last['preset']} --out {out}"
+            redo = command_line(
+                "attrspace", last["command"], "--preset", last["preset"], "--out", out
+            )
 
     def marker(folder: Path) -> dict | None:
         key = folder.relative_to(out).as_posix()
