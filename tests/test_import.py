@@ -44,11 +44,52 @@ def test_extension_build_matches_the_machine():
         assert "built without CUDA" in attrspace.backends()["cuda"]
 
 
-def test_kernels_folder_is_installed_as_attrspace_kernels():
-    import importlib.util
+# Run in a fresh interpreter: which `kernels` is found depends on sys.path, not on this process.
+KERNELS_CHECK = """
+import importlib.util, pathlib, sys
+ours = importlib.util.find_spec("attrspace.kernels")
+assert ours is not None and ours.origin.replace("\\\\", "/").endswith("kernels/__init__.py"), ours
+assert importlib.util.find_spec("attrspace.kernels.subspace_linear") is not None
+top = importlib.util.find_spec("kernels")
+if top is not None and top.origin is not None:
+    # Another distribution's `kernels` (peft's dependencies bring one) is fine wherever it lives,
+    # whatever its path says. attrspace's kernels (told by their files, not by a path) under a
+    # top-level name are fine only from a source checkout on sys.path (its root holds
+    # pyproject.toml and attrspace/), never from an installed wheel.
+    folder = pathlib.Path(top.origin).resolve().parent
+    ours_too = (folder / "subspace_linear.py").is_file() and (folder / "rsvd.py").is_file()
+    checkout = (folder.parent / "pyproject.toml").is_file() and (folder.parent / "attrspace").is_dir()
+    assert not ours_too or checkout, f"attrspace's kernels installed as top-level: {top.origin}"
+print("ok")
+"""
 
-    spec = importlib.util.find_spec("attrspace.kernels")
-    assert spec is not None and spec.origin.replace(os.sep, "/").endswith("kernels/__init__.py")
-    assert importlib.util.find_spec("kernels") is None or "attrspace" not in (
-        importlib.util.find_spec("kernels").origin or ""
+
+def _kernels_check(extra_path: list[str]) -> subprocess.CompletedProcess:
+    path = os.pathsep.join([*extra_path, *sys.path[1:]])
+    env = {**os.environ, "PYTHONPATH": path}
+    return subprocess.run(
+        [sys.executable, "-P", "-c", KERNELS_CHECK], capture_output=True, text=True, env=env
     )
+
+
+def test_kernels_folder_is_installed_as_attrspace_kernels():
+    out = _kernels_check([])
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_the_kernels_check_holds_beside_another_kernels_package(tmp_path):
+    # A virtual environment whose path contains "attrspace" and that holds an unrelated `kernels`
+    # package: the check used to fail there on the word "attrspace" in the other package's path.
+    site = tmp_path / "attrspace-venv" / "site-packages"
+    (site / "kernels").mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text("CUDAProperties = None\n")
+    out = _kernels_check([str(site)])
+    assert out.stdout.strip() == "ok", out.stderr
+    # and it still catches attrspace's own kernels installed as a top-level package
+    wheel = tmp_path / "attrspace-venv" / "bad-wheel"
+    import attrspace.kernels
+
+    shutil.copytree(os.path.dirname(attrspace.kernels.__file__), wheel / "kernels")
+    (wheel / "attrspace").symlink_to(os.path.dirname(attrspace.__file__))
+    out = _kernels_check([str(wheel)])
+    assert out.returncode != 0 and "AssertionError" in out.stderr
