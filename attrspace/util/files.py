@@ -155,8 +155,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())
         yield Path(tmp)
+        # after the block: a writer that recreates the file (safetensors' save_file makes it 0600)
+        # must not decide who can read the result
+        os.chmod(tmp, 0o666 & ~_umask())
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -171,7 +173,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise
 
 
-_RUST_OS_ERROR = re.compile(r"Os \{ code: (\d+)")
+# How Rust prints an io::Error from the system: "... (os error 28)" or "Os { code: 28, ... }".
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)|Os \{ code: (\d+)")
 
 
 def os_error(
@@ -179,7 +182,7 @@ def os_error(
 ) -> BaseException:
     """The OSError a user should see for a failed write of `path`: an OSError that names no file,
     or names the temporary file `hide`, is given `path`; a safetensors error caused by the system
-    (its message carries Rust's `Os { code: N }`, as a full disk gives) becomes that OSError.
+    (its message carries Rust's `(os error N)`, as a full disk gives) becomes that OSError.
     Anything else is returned as it is."""
     if isinstance(exc, OSError) and exc.errno is not None:
         if exc.filename is None or (
@@ -190,7 +193,7 @@ def os_error(
     if isinstance(exc, SafetensorError):
         found = _RUST_OS_ERROR.search(str(exc))
         if found:
-            code = int(found.group(1))
+            code = int(found.group(1) or found.group(2))
             return OSError(code, os.strerror(code), str(path))
     return exc
 
