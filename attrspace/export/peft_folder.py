@@ -25,7 +25,13 @@ from torch import Tensor, nn
 
 from attrspace.adapters.nn import LoRAConv2d, LoRALinear
 from attrspace.util.checks import positive_finite, positive_int
-from attrspace.util.files import BadFileError, parse_json, read_safetensors, read_text
+from attrspace.util.files import (
+    BadFileError,
+    atomic_write_bytes,
+    parse_json,
+    read_safetensors,
+    read_text,
+)
 from attrspace.util.folders import fsync_path, staged_folder
 
 CONFIG_NAME = "adapter_config.json"
@@ -170,10 +176,10 @@ def write_adapter_folder(
             layer = f"layer {match.group(1)}: lora_{match.group(2)}" if match else key
             raise ValueError(f"{layer} holds NaN or Inf; nothing was written to {folder}")
     with staged_folder(folder) as tmp:
-        # save() + write_bytes, not save_file: a full disk is an OSError naming the file, where
-        # safetensors' own writer raises a SafetensorError.
-        (tmp / WEIGHTS_NAME).write_bytes(save(tensors, metadata={"format": "pt"}))
-        (tmp / CONFIG_NAME).write_text(text)
+        # save() + atomic_write_bytes, not save_file: a full disk is an OSError naming the file
+        # (safetensors' own writer raises a SafetensorError, a bare write names no file).
+        atomic_write_bytes(tmp / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
+        atomic_write_bytes(tmp / CONFIG_NAME, text.encode())
         for path in keep:
             shutil.copy2(path, tmp / path.name)
         for path in tmp.iterdir():

@@ -97,7 +97,8 @@ def folder_lock(folder: Path, lock_file: Path, wait: float = 0.0) -> Iterator[No
             "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         }
-        atomic_write_bytes(owner_file, json.dumps(owner).encode())
+        with contextlib.suppress(OSError):  # only for the message a waiter gets: a full disk
+            atomic_write_bytes(owner_file, json.dumps(owner).encode())  # must fail the real write
         _HELD.add(key)
         try:
             yield

@@ -1,5 +1,6 @@
 """LoRA factors in peft's on-disk layout."""
 
+import errno
 import json
 import os
 
@@ -320,3 +321,102 @@ def test_files_written_by_peft_itself_load(tmp_path):
     inject_lora(ours, ADAPTED, rank=4, alpha=8)
     load_peft_into(ours, factors)
     torch.testing.assert_close(ours(x), expected)
+
+
+# -- configs that would hang or crash a reader ----------------------------------------------------
+
+LONG = "a" * 80  # a module name on which (a|aa)+b backtracks ~fib(80) times
+
+
+def _one_layer(name: str) -> dict:
+    return {
+        f"base_model.model.{name}.lora_A.weight": torch.randn(2, 6),
+        f"base_model.model.{name}.lora_B.weight": torch.randn(5, 2),
+    }
+
+
+@pytest.mark.parametrize(
+    "config, named",
+    [
+        ({"target_modules": "blocks.(q"}, "target_modules"),
+        ({"target_modules": ["q"], "rank_pattern": {"q[": 3}}, r"rank_pattern\['q\['\]"),
+        ({"target_modules": ["q"], "alpha_pattern": {"(?P<": 2}}, r"alpha_pattern\['\(\?P<'\]"),
+        ({"target_modules": ["q"], "rank_pattern": {"q)(x": 3}}, r"rank_pattern\['q\)\(x'\]"),
+    ],
+    ids=["target", "rank", "alpha", "breaks-peft's-wrapper"],
+)
+def test_an_invalid_regex_is_named_with_its_key(tmp_path, config, named):
+    write_adapter(tmp_path, _one_layer("enc.q"), **config)
+    with pytest.raises(AdapterFileError, match=rf"{named} is not a valid regular expression"):
+        load_peft(tmp_path)
+
+
+@pytest.mark.parametrize("where", ["target_modules", "rank_pattern", "alpha_pattern"])
+def test_a_catastrophically_backtracking_regex_ends_in_an_error(tmp_path, where):
+    # re.fullmatch("(a|aa)+b", "a" * 80) would run for ages: the reader hung here.
+    pattern = "(a|aa)+b"
+    config = {"target_modules": pattern} if where == "target_modules" else {
+        "target_modules": [LONG], where: {pattern: 3}
+    }  # fmt: skip
+    write_adapter(tmp_path, _one_layer(LONG), **config)
+    with pytest.raises(AdapterFileError, match=rf"{where}.* did not finish matching"):
+        load_peft(tmp_path)
+
+
+def test_nested_quantifiers_that_regex_can_match_give_the_right_answer(tmp_path):
+    # (a+)+b backtracks exponentially in `re`; here it is simply not a match.
+    write_adapter(tmp_path, _one_layer(LONG), target_modules="(a+)+b")
+    with pytest.raises(AdapterFileError, match=r"not in target_modules \['a{80}'\]"):
+        load_peft(tmp_path)
+    write_adapter(tmp_path, _one_layer(LONG), target_modules="(a+)+", rank_pattern={"(a+)+b": 3})
+    assert load_peft(tmp_path)[LONG].rank == 2
+
+
+@pytest.mark.parametrize("fault", ["fifo", "deep", "huge"])
+def test_a_config_that_is_no_small_json_file_is_named(tmp_path, fault):
+    write_adapter(tmp_path, _one_layer("enc.q"))
+    config = tmp_path / "adapter_config.json"
+    config.unlink()
+    if fault == "fifo":  # blocked the reader forever, then was reported as "not found"
+        os.mkfifo(config)
+    elif fault == "deep":  # a raw RecursionError
+        config.write_text("[" * 100_000 + "]" * 100_000)
+    else:
+        config.write_text('{"r": 2, "pad": "' + " " * (1 << 20) + '"}')
+    words = {"fifo": "is a FIFO", "deep": "JSON nested too deep", "huge": "more than"}
+    with pytest.raises(AdapterFileError, match=rf"adapter_config.json: .*{words[fault]}"):
+        load_peft(tmp_path)
+
+
+def test_weights_that_are_a_fifo_are_named(tmp_path):
+    write_adapter(tmp_path, _one_layer("enc.q"))
+    (tmp_path / "adapter_model.safetensors").unlink()
+    os.mkfifo(tmp_path / "adapter_model.safetensors")
+    with pytest.raises(AdapterFileError, match=r"adapter_model.safetensors: is a FIFO"):
+        load_peft(tmp_path)
+
+
+def test_a_nan_lora_is_named_by_layer_and_nothing_is_written(tmp_path):
+    model = trained_lora_model()
+    with torch.no_grad():
+        model.blocks[1].mlp.fc1.lora_B.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"^layer blocks.1.mlp.fc1: lora_B holds NaN") as caught:
+        save_peft(model, tmp_path / "adapter")
+    assert ".tmp" not in str(caught.value)  # the temporary folder it once named is gone
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_a_full_disk_names_the_file_of_the_destination(tmp_path, monkeypatch):
+    save_peft(trained_lora_model(0), tmp_path / "adapter")
+    before = _snapshot(tmp_path / "adapter")
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as write() reports it: no path
+
+    monkeypatch.setattr(type(tmp_path), "write_bytes", full)
+    with pytest.raises(OSError) as caught:
+        save_peft(trained_lora_model(1), tmp_path / "adapter")
+    monkeypatch.undo()
+    assert caught.value.errno == errno.ENOSPC
+    assert caught.value.filename == str(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert _snapshot(tmp_path / "adapter") == before and _visible(tmp_path) == ["adapter"]
