@@ -2,6 +2,7 @@
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -257,3 +258,90 @@ def test_refusals_write_nothing(tmp_path):
         export_peft(dilated, tmp_path / "d")
     export_merged(dilated, tmp_path / "d.safetensors")  # merging handles it
     assert list(tmp_path.iterdir()) == [tmp_path / "d.safetensors"]
+
+
+# -- exports of wrapped models: what a training script holds at its end ---------------------------
+
+
+def _wrap(model: nn.Module, how: str, tmp_path) -> nn.Module:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    if how == "compile":
+        return torch.compile(model)
+    if how == "checkpointed blocks":
+        for i, block in enumerate(model.blocks):
+            model.blocks[i] = checkpoint_wrapper(block)
+        return model
+    if how == "DataParallel":
+        return nn.DataParallel(model)
+    # DDP (and compile over DDP) need a process group: one gloo process
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    return torch.compile(ddp) if how == "compile(DDP)" else ddp
+
+
+WRAPPERS = ["compile", "DDP", "compile(DDP)", "DataParallel", "checkpointed blocks"]
+
+
+@pytest.fixture
+def no_process_group():
+    yield
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("how", WRAPPERS)
+def test_exports_of_a_wrapped_model_load_in_peft_and_strictly(tmp_path, how, no_process_group):
+    base, model = adapted()
+    x = torch.randn(2, T, D)
+    with torch.no_grad():
+        expected = model(x)
+    wrapped = _wrap(model, how, tmp_path)
+    export_peft(wrapped, tmp_path / "adapter")
+    export_merged(wrapped, tmp_path / "merged.safetensors")
+    keys = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert not [k for k in keys if "_orig_mod" in k or ".module." in k or "_checkpoint" in k]
+    served = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(served(x), expected, rtol=1e-5, atol=1e-6)
+    fresh = Net().eval()
+    fresh.load_state_dict(load_file(str(tmp_path / "merged.safetensors")), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), expected, rtol=1e-5, atol=1e-6)
+
+
+# -- every writer gives its files and folders the mode the umask says -----------------------------
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_every_writer_gives_the_umasks_mode(tmp_path, umask):
+    from attrspace import save_peft
+
+    _, model = adapted()
+    bank = SubspaceBank(
+        {
+            name: LayerSubspace(m.U.clone(), m.V.clone(), torch.zeros(m.rank, dtype=torch.int64))
+            for name, m in model.named_modules()
+            if isinstance(m, attrspace.SubspaceLinear)
+        },
+        scale=2.0,
+        orthonormal=True,
+    )
+    old = os.umask(umask)
+    try:
+        export_peft(model, tmp_path / "exported")
+        save_peft(model, tmp_path / "saved")  # its LoRA layers only
+        export_merged(model, tmp_path / "merged.safetensors")
+        bank.save(tmp_path / "bank.safetensors")
+    finally:
+        os.umask(old)
+    for folder in ("exported", "saved"):
+        assert (tmp_path / folder).stat().st_mode & 0o777 == 0o777 & ~umask, folder
+        for path in (tmp_path / folder).iterdir():
+            assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+    for name in ("merged.safetensors", "bank.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
