@@ -260,3 +260,52 @@ def test_vggt_aggregator_with_a_bank_and_checkpointing_compiles_to_one_graph():
     explanation = torch._dynamo.explain(vggt.aggregator)(torch.rand(1, 2, 3, 56, 56))
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("what", ["M", "lora_B"])
+def test_a_nan_update_is_never_folded_in_and_the_layer_is_named(model, what):
+    # uninject(merge=True) folded NaN into the frozen weights without a word
+    if what == "M":
+        inject(model, random_bank(linear_shapes(model, ADAPTED), 4, scale=2.0, seed=0))
+        layer = model.blocks[1].mlp.fc2
+        bad = layer.M
+    else:
+        inject_lora(model, ADAPTED, rank=2, alpha=4)
+        layer = model.blocks[1].mlp.fc2
+        bad = layer.lora_B.weight
+    with torch.no_grad():
+        bad[0, 0] = float("nan")
+    before = state_of(model)
+    with pytest.raises(ValueError, match=r"^layer blocks.1.mlp.fc2: uninject\(merge=True\): .*NaN"):
+        uninject(model, merge=True)
+    after = state_of(model)
+    assert after[0] == before[0]  # still adapted, nothing folded
+    same = [
+        torch.equal(after[1][n][0].nan_to_num(7.0), p[0].nan_to_num(7.0))
+        for n, p in before[1].items()
+    ]
+    assert all(same)
+    if what == "M":
+        with pytest.raises(ValueError, match=r"merge: the adapter's update holds \d+ NaN"):
+            layer.merge()
+        assert not layer.merged and torch.isfinite(layer.weight).all()
+
+
+def test_a_merged_layers_state_dict_follows_double_and_back(model):
+    model = trained_bank_model()
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    expected = model.double()(x)  # the unmerged float64 model
+    model.float()
+    for m in model.modules():
+        if isinstance(m, SubspaceLinear):
+            m.merge()
+    model.double()
+    state = model.state_dict()
+    assert all(v.dtype == torch.float64 for k, v in state.items() if v.is_floating_point()), [
+        k for k, v in state.items() if v.dtype != torch.float64
+    ]
+    for m in model.modules():
+        if isinstance(m, SubspaceLinear):
+            m.unmerge()
+    assert all(m.weight.dtype == torch.float64 for m in model.modules() if hasattr(m, "weight"))
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)

@@ -4,6 +4,8 @@ checkpoint loading from tiny synthetic files written in the official layout."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -303,3 +305,42 @@ def test_hub_id_without_huggingface_hub_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ImportError, match=r"pip install 'attrspace\[hub\]'"):
         load_checkpoint(_fresh(), "facebook/VGGT-1B")
+
+
+OVERWRITE = """
+import sys, torch
+from attrspace.models.vggt import VGGT, VGGTConfig
+from attrspace.models.vggt.checkpoint import load_checkpoint
+path, copy = sys.argv[1], sys.argv[2] == "copy"
+with torch.device("meta"):
+    model = VGGT(VGGTConfig.tiny()).eval()
+load_checkpoint(model, path, copy=copy)
+before = {k: v.clone() for k, v in model.state_dict().items()}
+model.state_dict()["camera_head.token_norm.weight"].add_(1.0)  # a fine-tuned model, saved over
+if path.endswith(".pt"):  # over the checkpoint it was loaded from
+    torch.save(model.state_dict(), path)
+else:
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+with torch.device("meta"):
+    again = VGGT(VGGTConfig.tiny()).eval()
+load_checkpoint(again, path, copy=copy)
+changed = sorted(k for k, v in again.state_dict().items() if not torch.equal(v, before[k]))
+print(changed)
+"""
+
+
+@pytest.mark.parametrize("name", ["model.pt", "model.safetensors"])
+def test_a_copying_load_survives_saving_over_its_own_checkpoint(tmp_path, source, name):
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    path = tmp_path / name
+    torch.save(state, path) if name.endswith(".pt") else save_file(state, path)
+    run = [sys.executable, "-c", OVERWRITE, str(path)]
+    out = subprocess.run([*run, "copy"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["['camera_head.token_norm.weight']"]
+    if name.endswith(".pt"):  # the hazard the copy avoids: the mapped default dies with SIGBUS
+        path.unlink()
+        torch.save(state, path)
+        mapped = subprocess.run([*run, "map"], capture_output=True, text=True)
+        assert mapped.returncode == -signal.SIGBUS
