@@ -5,12 +5,15 @@ outputs as an uninterrupted one; a damaged runs.json is kept aside."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from attrspace.cli.main import main
 from attrspace.pipeline import StageFileError, Workspace, get_preset, run_pipeline, run_stages
 from attrspace.pipeline.cache import MARKER, read_marker, verify_outputs
 from attrspace.pipeline.report.results import collect
+from attrspace.pipeline.workspace import RunInputError
 
 MICRO = get_preset("micro")
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -221,3 +225,110 @@ def test_a_sigkilled_run_resumes_to_the_uninterrupted_outputs(finished, tmp_path
             )
         if path.name == "manifest.json":
             assert (run / rel).read_bytes() == path.read_bytes()
+
+
+# -- inputs checked before work, one-line errors that name the path ------------------------------
+
+
+def _one_line(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_a_bogus_backend_is_refused_before_any_stage(tmp_path, monkeypatch, capsys):
+    # It used to render, pre-train, train the LoRAs and mine before the first adapted layer failed.
+    monkeypatch.setenv("ATTRSPACE_BACKEND", "bogus")
+    run = tmp_path / "run"
+    line = _one_line(capsys, ["run", "--preset", "micro", "--out", str(run), "--quiet"])
+    assert line.startswith("attrspace run: error: environment variable ATTRSPACE_BACKEND=")
+    assert "'bogus' names no backend" in line and "torch" in line
+    assert not run.exists()
+    with pytest.raises(RunInputError, match="ATTRSPACE_BACKEND='bogus'"):
+        run_pipeline(MICRO, run, progress=False)
+    assert not run.exists()
+    line = _one_line(capsys, ["backends"])  # the listing on stdout, then the flag on stderr
+    assert line.startswith("attrspace backends: error: ") and "'bogus'" in line
+
+
+@pytest.mark.parametrize("content", ["empty", "other files"])
+def test_report_on_a_folder_that_is_no_run_is_an_error(tmp_path, capsys, content):
+    folder = tmp_path / "not a run"
+    folder.mkdir()
+    if content == "other files":
+        (folder / "notes.txt").write_text("mine")
+        (folder / "sub").mkdir()
+    line = _one_line(capsys, ["report", "--out", str(folder)])
+    assert line.startswith(f"attrspace report: error: {folder}: not a run folder")
+    assert not (folder / "report.md").exists()
+
+
+def test_a_full_disk_during_a_stage_is_one_line_naming_the_path(
+    finished, tmp_path, monkeypatch, capsys
+):
+    run = _copy(finished, tmp_path / "run")
+    shutil.rmtree(run / "base")
+    real = Path.write_bytes
+
+    def full(self, data):  # the way a full disk surfaces: write() fails, naming no file
+        if self.name.startswith(".model.safetensors."):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    line = _one_line(capsys, ["pretrain", "--preset", "micro", "--out", str(run), "--quiet"])
+    assert (
+        line
+        == f"attrspace pretrain: error: No space left on device: {run / 'base'}/model.safetensors"
+    )
+    monkeypatch.undo()
+    assert main(["pretrain", "--preset", "micro", "--out", str(run), "--quiet"]) == 0  # redone
+    _all_stages_verify(run)
+    assert _same(
+        _content(run / "base/model.safetensors"), _content(finished / "base/model.safetensors")
+    )
+
+
+def test_every_output_follows_the_umask(finished):
+    # The fixture's run wrote under this process's umask; peft's LoRA folders came out 0700 / 0600.
+    umask = os.umask(0)
+    os.umask(umask)
+    wrong = [
+        (p.relative_to(finished).as_posix(), oct(p.stat().st_mode & 0o777))
+        for p in [finished, *finished.rglob("*")]
+        if p.stat().st_mode & 0o777 != (0o777 if p.is_dir() else 0o666) & ~umask
+    ]
+    assert wrong == []
+
+
+def test_a_fifo_among_the_outputs_is_named_and_redone(finished, tmp_path, capsys):
+    run = _copy(finished, tmp_path / "run")
+    config = run / "loras" / "camera" / "camera_00" / "adapter_config.json"
+    config.unlink()
+    os.mkfifo(config)  # hashing it blocked forever
+    ws = Workspace(run, MICRO, progress=False)
+    done = []
+    worker = threading.Thread(target=lambda: done.append(run_stages(ws, until="train-lora")))
+    worker.start()
+    worker.join(300)
+    if worker.is_alive():
+        os.close(os.open(config, os.O_WRONLY | os.O_NONBLOCK))  # release it, then fail
+        worker.join()
+        pytest.fail("a FIFO among the outputs blocked the run")
+    assert done and ws.ran() == ["loras/camera/camera_00"]
+    assert f"{config}: is a FIFO (named pipe)" in capsys.readouterr().err
+    assert config.is_file() and not config.is_symlink()
+    _all_stages_verify(run)
+
+
+def test_redo_hints_quote_paths_for_the_shell(finished, tmp_path):
+    run = _copy(finished, tmp_path / "my run $HOME")
+    metrics = run / "finetune" / "photo" / "lora" / "metrics.json"
+    metrics.write_text("{}")
+    with pytest.raises(StageFileError) as caught:
+        collect(run)
+    hint = str(caught.value).split("`")[1]
+    assert shlex.split(hint)[-1] == str(run)  # one word, as a shell reads it
+    ws = Workspace(run, MICRO, progress=False)
+    assert shlex.split(ws.redo_command("pretrain"))[-1] == str(run)
