@@ -38,7 +38,12 @@ from attrspace.bank.checks import (
     target_device,
 )
 from attrspace.util.checks import positive_finite, positive_int
-from attrspace.util.files import atomic_save_safetensors, checksum, read_safetensors
+from attrspace.util.files import (
+    atomic_save_safetensors,
+    checksum,
+    parse_json,
+    read_safetensors,
+)
 
 SCHEMA_VERSION = 2
 _HEADER_KEY = "attrspace"
@@ -309,8 +314,8 @@ def _parse_json(path: Path, text: str) -> dict:
     def refuse(constant: str):
         raise ValueError(f"{constant} is not a JSON number")
 
-    try:
-        header = json.loads(text, parse_constant=refuse)
+    try:  # parse_json: nesting bounded (a RecursionError is a BadFileError, a ValueError)
+        header = parse_json(text, "bank metadata", parse_constant=refuse)
     except ValueError as exc:
         raise BankFileError(f"{path}: bank metadata is not valid JSON ({exc})") from exc
     if not isinstance(header, dict):

@@ -38,7 +38,13 @@ from attrspace.data.families import (
 )
 from attrspace.data.render import check_size
 from attrspace.geometry import depth_to_camera_points, unproject_depth
-from attrspace.util.files import atomic_write_bytes
+from attrspace.util.files import (
+    BadFileError,
+    atomic_write_bytes,
+    read_bytes,
+    read_json,
+    regular_file,
+)
 from attrspace.util.folders import staged_folder
 
 FORMAT = "attrspace-multiview"
@@ -164,7 +170,7 @@ def write_family(
             f"{root / MANIFEST} exists; pass overwrite=True to replace the family"
         )
     specs = family_specs(family, n_datasets, scenes_per_dataset, views, seed)
-    with staged_folder(root) as tmp:
+    with staged_folder(root, lock=False) as tmp:  # callers lock (see above)
         entries = [
             _write_dataset(tmp, spec, (height, width), shard_scenes, on_scene, threads)
             for spec in specs
@@ -204,9 +210,9 @@ def read_manifest(root: str | Path) -> dict:
     if not path.exists():
         raise ShardError(f"{path} not found: not a family folder, or a run that did not finish")
     try:
-        m = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ShardError(f"{path} is not valid JSON: {exc}") from exc
+        m = read_json(path)  # the bounded reader: a FIFO, a device or deep nesting is refused
+    except BadFileError as exc:
+        raise ShardError(str(exc)) from None
     if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("version") != VERSION:
         raise ShardError(f"{path}: expected format {FORMAT!r} version {VERSION}")
     need = {
@@ -259,11 +265,14 @@ def load_shard(root: str | Path, entry: dict, manifest: dict) -> dict[str, Tenso
     path = Path(root) / entry["file"]
     if not path.exists():
         raise ShardError(f"shard {path} is missing")
-    data = path.read_bytes()
-    if len(data) != entry["bytes"]:
+    try:  # the size is checked before a byte is read: a wrong file never fills memory
+        size = regular_file(path).st_size
+        data = read_bytes(path, limit=entry["bytes"]) if size == entry["bytes"] else b""
+    except BadFileError as exc:
+        raise ShardError(f"shard {exc}") from None
+    if size != entry["bytes"] or len(data) != entry["bytes"]:
         raise ShardError(
-            f"shard {path} is truncated or padded: {len(data)} bytes, "
-            f"manifest says {entry['bytes']}"
+            f"shard {path} is truncated or padded: {size} bytes, manifest says {entry['bytes']}"
         )
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise ShardError(f"shard {path} does not match its sha256 checksum (corrupt or modified)")

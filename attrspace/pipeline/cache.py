@@ -231,5 +231,6 @@ def write_marker(folder: Path, stage: str, expected: str, seconds: float, **info
 def stage_output(folder: Path) -> Iterator[Path]:
     """Write a stage into the yielded temporary folder (outputs, then write_marker on it); a clean
     exit replaces `folder` with it in one rename, an exception leaves no trace of it."""
-    with staged_folder(Path(folder)) as tmp:
+    # lock=False: the run folder's lock (held by every command that writes stages) covers it
+    with staged_folder(Path(folder), lock=False) as tmp:
         yield tmp

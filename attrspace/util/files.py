@@ -111,7 +111,7 @@ def parse_json(text: str | bytes, where: str, max_depth: int = MAX_JSON_DEPTH, *
     except RecursionError:
         raise BadFileError(f"{where}: JSON nested too deep to read") from None
     except ValueError as exc:  # JSONDecodeError, or a parse hook's refusal
-        raise BadFileError(f"{where}: not JSON ({exc})") from exc
+        raise BadFileError(f"{where}: not valid JSON ({exc})") from exc
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()

@@ -52,6 +52,11 @@ _NO_EXCHANGE = (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP)
 _HELD: set[tuple[str, str, int]] = set()
 
 
+# Temporary folders that staged_folder is filling: only their writer can see them, so folders
+# written inside them need no lock (and would leave lock files named after a temporary folder).
+_PRIVATE: set[Path] = set()
+
+
 class FolderBusyError(RuntimeError):
     """Another live process holds the lock of a folder."""
 
@@ -254,18 +259,23 @@ def fsync_path(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged_folder(folder: Path, wait: float = WRITER_WAIT_S) -> Iterator[Path]:
+def staged_folder(folder: Path, wait: float = WRITER_WAIT_S, lock: bool = True) -> Iterator[Path]:
     """A new empty folder beside `folder` to write into; a clean exit replaces `folder` with it
     (replace_folder), an exception deletes it and leaves `folder` as it was. The lock beside
     `folder` is held throughout: another writer of it waits up to `wait` seconds, then gets
-    FolderBusyError naming the holder. An OSError names the file under `folder` it was about, not
-    the temporary folder's."""
+    FolderBusyError naming the holder. lock=False for callers whose own lock covers the folder (a
+    stage under its run folder's lock); a folder inside another staged folder is private to its
+    writer and never locked. An OSError names the file under `folder` it was about, not the
+    temporary folder's."""
     folder = resolve_destination(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with folder_lock(folder, lock_beside(folder), wait=wait):
+    private = any(folder == p or p in folder.parents for p in _PRIVATE)
+    guard = folder_lock(folder, lock_beside(folder), wait) if lock and not private else None
+    with guard or contextlib.nullcontext():
         remove_leftovers(folder)
         tmp = _sibling(folder, _TEMP_SUFFIX)
         os.mkdir(tmp)  # not mkdtemp: its 0700 mode would become the folder's mode
+        _PRIVATE.add(tmp)
         try:
             yield tmp
             replace_folder(tmp, folder)
@@ -275,6 +285,8 @@ def staged_folder(folder: Path, wait: float = WRITER_WAIT_S) -> Iterator[Path]:
             if mapped is not exc:
                 raise mapped from exc
             raise
+        finally:
+            _PRIVATE.discard(tmp)
 
 
 def _in_destination(exc: BaseException, tmp: Path, folder: Path) -> BaseException:

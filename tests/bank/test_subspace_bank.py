@@ -417,3 +417,25 @@ def test_load_devices(tmp_path):
             SubspaceBank.load(path, device=f"cuda:{torch.cuda.device_count()}")
     loaded = SubspaceBank.load(path, device=torch.device("cpu"))
     assert loaded.layers["aggregator.frame_blocks.0.attn.qkv"].U.device.type == "cpu"
+
+
+@pytest.mark.parametrize("fault", ["deep metadata", "fifo", "link to /dev/zero"])
+def test_a_bank_that_is_no_bank_file_is_refused_by_what_it_is(tmp_path, fault):
+    import os
+
+    path = tmp_path / "b.safetensors"
+    if fault == "deep metadata":  # a raw RecursionError
+        make_bank().save(path)
+        tensors = load_file(str(path))
+        text = "[" * 100_000 + "]" * 100_000
+        metadata = {"attrspace": text, "attrspace_sha256": _digest(tensors, text)}
+        save_file(tensors, str(path), metadata=metadata)
+        message = "JSON nested too deep"
+    elif fault == "fifo":  # would block the loader forever
+        os.mkfifo(path)
+        message = "is a FIFO"
+    else:
+        path.symlink_to("/dev/zero")
+        message = "is a character device"
+    with pytest.raises((BankFileError, ValueError), match=message):
+        SubspaceBank.load(path)

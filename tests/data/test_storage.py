@@ -200,3 +200,13 @@ def test_existing_family_is_not_overwritten_silently(family_dir, tmp_path):
     with pytest.raises(ShardError, match="not valid JSON"):
         (root / "manifest.json").write_text("{")
         read_manifest(root)
+
+
+@pytest.mark.parametrize("which", ["manifest.json", "geometry_01/shard_00000.safetensors"])
+def test_a_fifo_in_a_family_is_named_not_waited_on(family_dir, tmp_path, which):
+    root = _copy(family_dir, tmp_path)
+    (root / which).unlink()
+    os.mkfifo(root / which)
+    with pytest.raises(ShardError, match=rf"{which}: is a FIFO"):
+        data = MultiViewDataset(root)
+        data[3]

@@ -163,8 +163,9 @@ def test_cli_bench_and_errors(capsys, tmp_path):
     assert "invalid choice: 'nope'" in capsys.readouterr().err
     assert main(["report", "--out", str(tmp_path / "missing")]) == 2
     assert "no such run folder" in capsys.readouterr().err
-    assert main(["report", "--out", str(tmp_path)]) == 0
-    assert "No run record" in (tmp_path / "report.md").read_text()
+    assert main(["report", "--out", str(tmp_path)]) == 2  # a folder that holds no run
+    assert "not a run folder" in capsys.readouterr().err
+    assert not (tmp_path / "report.md").exists()
 
 
 def test_stage_digests_follow_the_seed_and_the_task_split(tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from attrspace.util.files import read_json, regular_file
+from attrspace.util.files import BadFileError, read_json, regular_file
 
 # Parts of the official model this package does not build; their keys are skipped when the model
 # lacks the module, with a report line.
@@ -153,9 +153,10 @@ class _Source:
 
 def _read_json(path: Path) -> dict:
     try:
-        obj = read_json(path)  # BadFileError (a ValueError) for a FIFO, not UTF-8, too deep
-    except OSError as err:
-        raise ValueError(f"{path}: not a readable JSON file ({err})") from err
+        obj = read_json(path)  # the bounded reader: a FIFO, a device, deep nesting refused
+    except (OSError, BadFileError) as err:
+        detail = str(err).removeprefix(f"{path}: ")
+        raise ValueError(f"{path}: not a readable JSON file ({detail})") from err
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
     return obj
