@@ -157,7 +157,7 @@ def test_two_writers_of_one_folder_both_succeed_in_order(tmp_path, monkeypatch, 
 
     def writer(tag):
         try:
-            for i in range(15):
+            for i in range(40):
                 _write(folder, {"a.txt": f"{tag}{i}", "b.txt": f"{tag}{i}"})
                 done.append(tag)
         except Exception as exc:  # a lost export
@@ -168,9 +168,9 @@ def test_two_writers_of_one_folder_both_succeed_in_order(tmp_path, monkeypatch, 
         t.start()
     for t in threads:
         t.join()
-    assert errors == [] and len(done) == 30
+    assert errors == [] and len(done) == 80
     tree = _tree(folder)
-    assert tree["a.txt"] == tree["b.txt"] and tree["a.txt"] in ("x14", "y14")
+    assert tree["a.txt"] == tree["b.txt"] and tree["a.txt"] in ("x39", "y39")
     assert _strays(tmp_path) == []
 
 
