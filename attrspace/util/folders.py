@@ -38,8 +38,7 @@ LOCK_SUFFIX = ".lock"
 OWNER_SUFFIX = ".lock.owner"
 _TEMP_SUFFIX = ".tmp"
 _OLD_SUFFIX = ".old"
-# How long a writer waits for another writer of the same folder (an export takes seconds; a stage
-# holds its run folder's lock, so its own folders are never contended).
+# How long a writer waits for another writer of the same folder (an export takes seconds).
 WRITER_WAIT_S = 600.0
 # errno of a rename that cannot move this folder, though the folder can be written: a mount point.
 _IMMOVABLE = (errno.EBUSY, errno.EXDEV)
