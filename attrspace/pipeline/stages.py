@@ -18,6 +18,7 @@ import torch
 
 from attrspace.data import MIXED, write_family
 from attrspace.inject import inject_lora
+from attrspace.models.vggt.config import CONFIG_FILE
 from attrspace.models.vggt.params import adaptation_targets
 from attrspace.peft_io import CONFIG_NAME, WEIGHTS_NAME, save_peft
 from attrspace.train.trainer import TrainConfig, TrainLog, train
@@ -152,6 +153,7 @@ def pretrain_stage(ws: Workspace) -> str:
     errors = error_terms(model, scenes[:16], ws.device)
     with stage_output(folder) as tmp:
         save_weights(model, tmp / "model.safetensors", expected)
+        ws.preset.model.save(tmp / CONFIG_FILE)  # load_pretrained(OUT/base) rebuilds the model
         write_json_atomic(tmp / "curve.json", {**curve(log), "train_error": errors})
         write_marker(
             tmp,
