@@ -1,0 +1,1 @@
+"""Measurements of memory and time (activation profiles of training steps)."""
