@@ -272,9 +272,11 @@ def profile_activations(
 
 
 def format_table(rows: Sequence[ProfileRow]) -> str:
-    """A markdown table: one line per row, GiB in total and per region (regions that hold
-    nothing in any row are left out), and the ratio to the frozen model of the same setting."""
-    used = [r for r in REGIONS if any(row.regions.get(r, 0) for row in rows)]
+    """A markdown table: one line per row, GiB in total and per region (DINO, blocks, camera and
+    depth head always; point head and other where some row holds bytes there), and the ratio to
+    the frozen model of the same setting."""
+    always = ("DINO", "blocks", "camera head", "depth head")
+    used = [r for r in REGIONS if r in always or any(row.regions.get(r, 0) for row in rows)]
     frozen = {(r.frames, r.checkpointing): r.total for r in rows if r.method == "frozen"}
     head = ["method", "frames", "checkpointing", "total GiB", *[f"{r} GiB" for r in used]]
     head += ["/ frozen"] if frozen else []

@@ -80,7 +80,8 @@ def test_table_plot_and_argument_checks(tmp_path):
     assert len(rows) == 6 and rows[0].model == "preset tiny"
     table = format_table(rows)
     assert "| SubspaceLinear K=4 | 2 | on |" in table and "depth head GiB" in table
-    assert "DINO GiB" not in table  # a region that holds nothing in any row is left out
+    assert "| DINO GiB |" in table  # shown even where it keeps nothing (frozen DINO)
+    assert "point head GiB" not in table  # the tiny preset has no point head
     assert plot_rows(rows, tmp_path / "p" / "profile.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="got 'lora:0'"):
         check_profile_args("tiny", ["lora:0"], [2], None)
