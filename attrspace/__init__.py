@@ -1,39 +1,53 @@
 """attrspace: subspace-constrained fine-tuning of 3D foundation models.
 
 Importing the package loads neither triton nor the compiled extension attrspace._C; both are loaded
-on first use by the backend that needs them.
+on first use by the backend that needs them. The names below are the public API; everything else is
+reachable by its module path (docs/design.md says which modules are public) and carries no promise.
 """
 
-from . import backends
-from .bank import BankFileError, LayerSubspace, SubspaceBank
-from .export import export_merged, export_peft
-from .functional import SubspaceLinearFn, subspace_linear
-from .inject import InjectionReport, inject, inject_lora, uninject
-from .nn import LoRAConv2d, LoRALinear, SubspaceLinear
-from .peft_io import AdapterFileError, LoRAFactors, load_peft, load_peft_into, lora_state, save_peft
+from attrspace import backends
+from attrspace.adapters.functional import SubspaceLinearFn, subspace_linear
+from attrspace.adapters.inject import InjectionReport, inject, inject_lora, uninject
+from attrspace.adapters.nn import LoRAConv2d, LoRALinear, SubspaceLinear
+from attrspace.bank import BankFileError, LayerSubspace, SubspaceBank
+from attrspace.export import (
+    AdapterFileError,
+    LoRAFactors,
+    export_merged,
+    export_peft,
+    load_peft,
+    load_peft_into,
+    lora_state,
+    save_peft,
+)
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AdapterFileError",
-    "BankFileError",
-    "InjectionReport",
-    "LayerSubspace",
+__all__ = [  # noqa: RUF022 (grouped by role, not sorted)
+    # adapter layers and their autograd function
     "LoRAConv2d",
-    "LoRAFactors",
     "LoRALinear",
-    "SubspaceBank",
     "SubspaceLinear",
     "SubspaceLinearFn",
-    "backends",
-    "export_merged",
-    "export_peft",
+    "subspace_linear",
+    # putting adapters into a model and taking them out
+    "InjectionReport",
     "inject",
     "inject_lora",
+    "uninject",
+    # the subspace bank
+    "BankFileError",
+    "LayerSubspace",
+    "SubspaceBank",
+    # peft folders and exports
+    "AdapterFileError",
+    "LoRAFactors",
+    "export_merged",
+    "export_peft",
     "load_peft",
     "load_peft_into",
     "lora_state",
     "save_peft",
-    "subspace_linear",
-    "uninject",
+    # which kernels run: attrspace.backends() prints the status
+    "backends",
 ]

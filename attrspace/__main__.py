@@ -2,6 +2,6 @@
 
 import sys
 
-from attrspace.cli import main
+from attrspace.cli.main import main
 
 sys.exit(main())

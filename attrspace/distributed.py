@@ -25,40 +25,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from .nn import ADAPTER_TYPES, LoRAConv2d, LoRALinear, SubspaceLinear
-
-# Module-name segments that wrappers insert (torch.compile, activation checkpointing, FSDP1); a
-# checkpoint key never contains them, so names are compared without them.
-_WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"})
+from attrspace.adapters.discovery import clean_name, plain_state, unwrap
+from attrspace.adapters.nn import ADAPTER_TYPES, LoRAConv2d, LoRALinear, SubspaceLinear
+from attrspace.export.writers import collect_merged_state, collect_peft_adapter, write_peft_adapter
+from attrspace.models.vggt.layers import Block
 
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel / torch.compile wrappers (FSDP2 wraps in place)."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's wrapper
-            model = model._orig_mod
-        else:
-            return model
-
-
-def clean_name(name: str) -> str:
-    """`name` without the segments that wrappers insert: the key layout of a plain model."""
-    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
-
-
-def adapter_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every SubspaceLinear / LoRALinear / LoRAConv2d by its plain qualified name, in module order."""
-    return {
-        clean_name(name): m
-        for name, m in unwrap(model).named_modules()
-        if isinstance(m, ADAPTER_TYPES)
-    }
 
 
 def check_wrapping(model: nn.Module) -> None:
@@ -96,8 +70,6 @@ def fsdp_units(
     unit keeps only embeddings and tokens. Names come parents first, as named_modules gives them.
     """
     if block_types is None:
-        from .models.vggt.layers import Block
-
         block_types = (Block,)
     heads = {n for n, _ in model.named_children() if n.endswith("_head")}
     return [n for n, m in model.named_modules() if n and (isinstance(m, block_types) or n in heads)]
@@ -153,7 +125,7 @@ def _full(t: Tensor) -> Tensor:
 def _gather_adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
     """Every adapter tensor (U, V, M, lora_A/B weights) in full, as CPU tensors on rank 0, keyed
     `<module name>.<tensor name>` with module names as `unwrap(model).named_modules()` gives them
-    (what attrspace.export looks up); {} on other ranks. Collective: one all-gather per DTensor,
+    (what attrspace.export.writers looks up); {} on other ranks. Collective: one all-gather per DTensor,
     in module order, which is the same on every rank."""
     keep = _rank() == 0
     out = {}
@@ -201,30 +173,18 @@ def full_adapter_state(model: nn.Module) -> dict[str, dict]:
     return state
 
 
-def _plain_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    out = {}
-    for key, value in state.items():
-        plain = clean_name(key)
-        if plain in out:
-            raise ValueError(f"two state-dict keys read {plain!r} once wrapper names are removed")
-        out[plain] = value
-    return out
-
-
 def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The model's state dict in the plain key layout with every adapter folded into its weight.
 
     Collective: every rank calls it; rank 0 gets the dict (CPU tensors), the others {}. Keys are
     those of the model before injection (no U, V, M, lora_A, lora_B), so the result loads with
     strict=True into a plain model or an official checkpoint's layout. The fold is
-    attrspace.export's (fp32 update, rounded once to the weight's dtype, as `uninject(merge=True)`);
+    attrspace.export.writers's (fp32 update, rounded once to the weight's dtype, as `uninject(merge=True)`);
     merged SubspaceLinear layers save their unmerged weight, so they are folded like the rest.
     This is merge + uninject for an FSDP2 model: load the result into a plain, unsharded model,
     or write it with `attrspace.export.write_merged_checkpoint`.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    from .export import collect_merged_state
 
     check_wrapping(model)
     inner = unwrap(model)
@@ -238,7 +198,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
     named = [*inner.named_parameters(remove_duplicate=False), *inner.named_buffers()]
     raw = {clean_name(n): n for n, _ in named}
     full = {raw.get(k, k): v for k, v in gathered.items()}
-    return _plain_keys(collect_merged_state(inner, full))
+    return plain_state(collect_merged_state(inner, full))
 
 
 def save_adapter(
@@ -248,13 +208,11 @@ def save_adapter(
 
     The one call for "save my adapter" under DDP, FSDP2 or a single process: every rank calls it
     (adapter tensors are gathered collectively; the frozen base weights are not), rank 0 writes
-    `folder` with attrspace.export (subspace layers as rank-K LoRAs, LoRA layers as they are), and
+    `folder` with attrspace.export.writers (subspace layers as rank-K LoRAs, LoRA layers as they are), and
     every rank returns only once the folder is complete. If rank 0 fails, every rank raises the
     same RuntimeError, so no rank carries on believing the adapter was saved. Load it with
     `peft.PeftModel.from_pretrained(base_model, folder)`.
     """
-    from .export import collect_peft_adapter, write_peft_adapter
-
     check_wrapping(model)
     inner = unwrap(model)
     wrapped = [n for n, m in inner.named_modules() if isinstance(m, ADAPTER_TYPES)]

@@ -11,8 +11,8 @@ from torch import nn
 
 import attrspace
 from attrspace.bank import linear_shapes, random_bank
-from attrspace.demo import ADAPTED, TinyViT
-from attrspace.profiling import saved_activation_bytes
+from attrspace.measure.profiling import saved_activation_bytes
+from attrspace.models.vit import ADAPTED, TinyViT
 
 D_IN, D_OUT, RANK, LORA_RANK = 1024, 3072, 64, 16
 

@@ -25,8 +25,10 @@ import os
 import pytest
 import torch
 
-from attrspace.linalg import auto_backend, factor_svd, randomized_svd
-from attrspace.linalg.backends import unavailable_reason
+from attrspace.backends import auto_rsvd_backend as auto_backend
+from attrspace.backends import rsvd_unavailable_reason as unavailable_reason
+from attrspace.linalg import factor_svd
+from attrspace.linalg.randomized import randomized_svd
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if "ATTRSPACE_BENCH_THREADS" in os.environ:
@@ -101,7 +103,7 @@ def _run(benchmark, fn, method: str, rounds: int = ROUNDS, warmup: int = 1, **in
     return out["result"]
 
 
-@pytest.mark.parametrize("backend", ["torch", "native", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "cuda", "triton"])
 def test_batched_randomized_svd(benchmark, ops, exact, backend):
     reason = unavailable_reason(backend, torch.device(DEVICE))
     if reason is not None:

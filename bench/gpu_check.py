@@ -1,7 +1,7 @@
 """The Python steps of bench/gpu_check.sh, one subcommand each, every result one JSON file:
 
     python bench/gpu_check.py smoke BACKEND OUT.json     one fwd+bwd of BACKEND at the target shape
-                                                         against attrspace.reference (max rel. error)
+                                                         against attrspace.adapters.reference (max rel. error)
     python bench/gpu_check.py timings OUT.json           frozen / every backend / LoRA r=16 (ours and
                                                          peft's) fwd+bwd medians, ratios to frozen and
                                                          to the work floor F, TFLOP/s against the
@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 import attrspace
-from attrspace import backends, reference
-from attrspace.profiling import time_steps
+from attrspace import backends
+from attrspace.adapters import reference
+from attrspace.measure.profiling import time_steps
 from attrspace.testing import layer_inputs, relative_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -139,7 +140,7 @@ def timings(shape=SHAPE, dtype=DTYPE, device=DEVICE, timer=median_time) -> dict:
 def svd(device=DEVICE, batch: int = 48, size=(1024, 1024), rank: int = 64, timer=median_time):
     """attrspace.linalg's randomized SVD of `batch` matrices in one call against one call per matrix
     (the same algorithm, unbatched)."""
-    from attrspace.linalg import randomized_svd
+    from attrspace.linalg.randomized import randomized_svd
 
     g = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(batch, *size, generator=g).to(device)

@@ -8,7 +8,7 @@
 #   env      GPU, driver, nvcc, torch / triton versions (read-only queries)
 #   build    editable build of attrspace._C for this GPU's architecture, then nvcc -Xptxas -v of the
 #            CUDA kernels (registers, spills, shared memory)
-#   smoke    every backend once at the target shape against attrspace.reference (bench/gpu_check.py),
+#   smoke    every backend once at the target shape against attrspace.adapters.reference (bench/gpu_check.py),
 #            each in its own process under a short timeout, so a hanging kernel costs one step only
 #   tests    the backend tests on the GPU (Triton, CUDA, torch backend, functional, backend choice)
 #   timings  frozen nn.Linear, SubspaceLinear on every backend, LoRA r=16 (ours, peft's): fwd+bwd
@@ -92,8 +92,8 @@ run_smoke() {
 }
 
 run_tests() {
-  "$PY" -m pytest -q -rfEs tests/test_triton.py tests/test_cuda_backend.py tests/test_torch_backend.py \
-    tests/test_functional.py tests/test_backend_choice.py --junitxml="$OUT/tests.xml"
+  "$PY" -m pytest -q -rfEs tests/kernels/test_subspace_linear.py tests/backends/test_cuda_backend.py tests/backends/test_torch_backend.py \
+    tests/adapters/test_functional.py tests/backends/test_choice.py --junitxml="$OUT/tests.xml"
 }
 
 run_timings() { "$PY" bench/gpu_check.py timings "$OUT/timings.json"; }

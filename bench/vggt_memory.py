@@ -1,5 +1,5 @@
 """Saved-activation bytes of one VGGT-1B training step, counted on the meta device (exact, seconds
-on a CPU; attrspace.memory_meta says what is counted and how attention is counted as flash does).
+on a CPU; attrspace.measure.memory_meta says what is counted and how attention is counted as flash does).
 
     python bench/vggt_memory.py [--frames 8] [--size 518]   -> a markdown table for bench/RESULTS.md
 
@@ -22,7 +22,7 @@ import torch
 
 import attrspace
 from attrspace.bank import linear_shapes, random_bank
-from attrspace.memory_meta import step_saved_bytes
+from attrspace.measure.memory_meta import step_saved_bytes
 from attrspace.models.vggt import VGGT, VGGTConfig, aggregator
 from attrspace.models.vggt.params import block_linear_names
 

@@ -1,6 +1,6 @@
 // Shared device code of the fused adapter kernels: argument block, tile sizes, scheduling.
 // Like every csrc/subspace_linear_*.cuh header it includes CUDA headers only (no host-only headers,
-// no <cstdint>): the NVRTC JIT of attrspace/_cupy_jit.py compiles the same text as nvcc.
+// no <cstdint>): the NVRTC JIT of attrspace/backends/cupy_jit.py compiles the same text as nvcc.
 //
 // One kernel shape serves both passes. A (M, Kd) holds the activations (x forward, dy backward).
 //   projection tiles: proj32 = A B_proj in fp32, B_proj (Kd, R) = V or U; also rounded into `proj`

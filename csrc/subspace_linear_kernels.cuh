@@ -1,5 +1,5 @@
 // Entry points of the fused adapter kernels: one per pass and dtype, extern "C" so that the nvcc
-// build (subspace_linear.cu) and the NVRTC JIT (attrspace/_cupy_jit.py) find them by the same plain
+// build (subspace_linear.cu) and the NVRTC JIT (attrspace/backends/cupy_jit.py) find them by the same plain
 // names. They take the FusedGemmArgs fields as 13 scalar parameters (every JIT launcher can pass
 // scalars; not every one can pass a struct). Launch: kThreads threads per block, one block per
 // tile, n_row * (n_proj + n_out) blocks (see subspace_linear_common.cuh), no dynamic shared memory,
@@ -36,7 +36,7 @@ __device__ __forceinline__ FusedGemmArgs pack_args(ATTRSPACE_KERNEL_PARAMS) {
 
 // One resident block per SM is asked of ptxas, not two: two cap a thread at 128 registers, and the
 // tensor-core tiles then spill 36-40 bytes per thread inside the main loop (ptxas -v, sm_80 and
-// sm_90); with one they take 168 registers and spill nothing (tests/test_static_kernels.py).
+// sm_90); with one they take 168 registers and spill nothing (tests/kernels/test_static.py).
 #define ATTRSPACE_PACKED \
   pack_args(a, b_main, b_proj, bias, e, out, proj32, proj, schedule, m, n, kd, rank)
 

@@ -3,7 +3,7 @@
 triton.compile with a GPUTarget runs the whole pipeline down to SASS on a CPU-only machine (Triton's
 bundled ptxas). For each compile this reports the PTX target, the MMA instructions in the PTX (wgmma
 on sm_90a, mma.sync on sm_80), registers, spill bytes (ptxas -v), dynamic shared memory against the
-architecture's limit, and SASS instructions per tensor-core MMA. The tests (tests/test_static_kernels.py)
+architecture's limit, and SASS instructions per tensor-core MMA. The tests (tests/kernels/test_static.py)
 and bench/RESULTS.md read these figures.
 
 Must run with TRITON_INTERPRET unset (an interpreted @triton.jit has no compiler); `python -m

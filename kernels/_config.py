@@ -3,7 +3,7 @@
 The fused kernel (kernels/subspace_linear.py) runs two kinds of programs with the same BLOCK_M / BLOCK_R:
 side programs (BLOCK_M x K_PAD tiles of z = x V or g = dy U) and output programs (BLOCK_M x BLOCK_N tiles
 of y or dx). Every GPU config that configs_for keeps is compiled for sm_80 and sm_90a with Triton 3.7 and
-ptxas in CI (tests/test_static_kernels.py, no GPU needed): at K_PAD = 64 all are software-pipelined
+ptxas in CI (tests/kernels/test_static.py, no GPU needed): at K_PAD = 64 all are software-pipelined
 (cp.async, wgmma on sm_90a) without register spills;
 128 x 256 x 64 with 3 stages takes 144 KiB of shared memory on sm_90 and 96 KiB on sm_80. Where a config
 does not fit a device (fp16 at K_PAD = 128 and 128 x 256 needs 192 KiB on sm_80, over an A100's 164 KiB)
@@ -55,7 +55,7 @@ def configs_for(dtype: torch.dtype, capability: tuple[int, int]) -> list:
     """The configs worth timing for inputs of `dtype` on a GPU of compute `capability`: fp32 its own
     (FP32_CONFIGS); bf16 / fp16 every tensor-core config, except the 128 x 256 tile before Hopper,
     which spills there (ptxas for sm_80: 16 B per thread in bf16, 228 B in fp16 with its tf32
-    adapter term; it takes wgmma's register-free operands to fit). tests/test_static_kernels.py
+    adapter term; it takes wgmma's register-free operands to fit). tests/kernels/test_static.py
     compiles exactly these.
     """
     if dtype == torch.float32:

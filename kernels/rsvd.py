@@ -41,7 +41,7 @@ def _cholesky_tiles(block_l: int, dtype: torch.dtype) -> tuple[int, int]:
     return 32, (16 if dtype == torch.float32 else 8)
 
 
-# What tests/test_static_kernels.py compiles ahead of time (kernels/_aot.py): (kernel, argument
+# What tests/kernels/test_static.py compiles ahead of time (kernels/_aot.py): (kernel, argument
 # types, argument values, constexprs, warps, stages) as the launchers below use them at the largest
 # tiles, for a batch of (1024, 64) matrices.
 _FLOATS = {"shift_coef": "fp32", "breakdown": "fp32"}

@@ -1,6 +1,6 @@
 """Fused kernels of the adapted layer: y and z = x V in one launch, dx and g = dy U in another.
 
-Both passes are one computation on different operands (design section 2):
+Both passes are one computation on different operands (docs/design.md §2):
     forward:  out = x W^T + b + z P^T,   side = z = x V    A = x,  B = W^T, C = V, E = P, R = d_in
     backward: out = dy W + g Q^T,        side = g = dy U   A = dy, B = W,   C = U, E = Q, R = d_out
 that is out = A B + bias + side E^T and side = A C, with A (T, R), B (R, N), C (R, K), E (N, K) fp32.
@@ -295,7 +295,7 @@ def subspace_linear_forward(
     z_out: Tensor | None = None,
     adapter_precision: str | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """y = x W^T + b + z P^T and z = x V in one launch (see attrspace.reference.forward).
+    """y = x W^T + b + z P^T and z = x V in one launch (see attrspace.adapters.reference.forward).
 
     x: (T, d_in) fp32 / fp16 / bf16; weight: (d_out, d_in), bias: (d_out,) or None and V: (d_in, K), all
     in x.dtype; P = s U M: (d_out, K) fp32, 1 <= K <= 128. out: (T, d_out) and z_out: (T, K), x.dtype,
@@ -330,7 +330,7 @@ def subspace_linear_backward(
     g_out: Tensor | None = None,
     adapter_precision: str | None = None,
 ) -> tuple[Tensor | None, Tensor]:
-    """dx = dy W + g Q^T and g = dy U in one launch (see attrspace.reference.backward).
+    """dx = dy W + g Q^T and g = dy U in one launch (see attrspace.adapters.reference.backward).
 
     dy: (T, d_out) fp32 / fp16 / bf16; weight: (d_out, d_in) and U: (d_out, K) in dy.dtype;
     Q = s V M^T: (d_in, K) fp32, 1 <= K <= 128. dx_out: (T, d_in) dy.dtype and g_out: (T, K) fp32,

@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 import attrspace
 from attrspace import distributed as adist
+from attrspace.adapters import discovery
 from attrspace.bank import linear_shapes, random_bank
 from attrspace.models.vggt.layers import Block
 
@@ -71,7 +72,9 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return {
-        adist.clean_name(n): p for n, p in adist.unwrap(model).named_parameters() if p.requires_grad
+        discovery.clean_name(n): p
+        for n, p in discovery.unwrap(model).named_parameters()
+        if p.requires_grad
     }
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 import attrspace
 from attrspace import distributed as adist
+from attrspace.adapters import discovery
 
 FP32_RTOL = 1e-5
 
@@ -142,8 +143,8 @@ def test_merged_state_dict_gathers_and_folds(runs, ref, scenario):
 
 @pytest.mark.parametrize("scenario", ["ddp", "fsdp2"])
 def test_save_adapter_from_rank0_is_the_single_process_export(runs, ref, scenario, tmp_path):
-    from attrspace.export import export_peft
-    from attrspace.peft_io import load_peft
+    from attrspace.export.peft_folder import load_peft
+    from attrspace.export.writers import export_peft
 
     run = runs[scenario]
     got = load_peft(runs["dir"] / run["adapter"])
@@ -213,13 +214,13 @@ def test_fsdp1_is_refused_with_a_pointer_to_fsdp2():
 
 
 def test_wrapper_names_are_the_plain_names():
-    assert adist.clean_name("_orig_mod.blocks.0._checkpoint_wrapped_module.attn.qkv") == (
+    assert discovery.clean_name("_orig_mod.blocks.0._checkpoint_wrapped_module.attn.qkv") == (
         "blocks.0.attn.qkv"
     )
     model = worker.build()
     compiled = torch.compile(model)
-    assert adist.unwrap(compiled) is model
-    assert list(adist.adapter_modules(compiled)) == list(adist.adapter_modules(model))
+    assert discovery.unwrap(compiled) is model
+    assert list(discovery.adapter_modules(compiled)) == list(discovery.adapter_modules(model))
 
 
 def test_fsdp_units_of_vggt_are_its_blocks_and_heads():

@@ -31,7 +31,7 @@ def test_backends_report():
 
 
 def test_extension_build_matches_the_machine():
-    from attrspace._native import native, native_unavailable_reason
+    from attrspace.backends.native import native, native_unavailable_reason
 
     module = native()
     assert module is not None, native_unavailable_reason()

@@ -1,25 +1,24 @@
 """The backends of the adapted layer, and how one is chosen.
 
-The contract. A backend is one module in this folder exposing five functions:
-    unavailable_reason() -> str | None            why it cannot run on this machine (None: it can)
-    unsupported_reasons(x, weight, rank) -> list   why it cannot run these inputs (empty: it can)
-    forward(x, weight, bias, V, P) -> (y, z)       x (T, d_in); P = s U M fp32; see reference.forward
-    backward(dy, weight, U, Q, need_dx) -> (dx, g) Q = s V M^T fp32; g fp32; see reference.backward
-Each must match attrspace.reference on fresh random inputs at the dtype's tolerance, and must not
-mutate its inputs. To add a backend, write the module and add its name to _MODULES below.
+One registry for every kernel family. The ops are declared once in `ops` (the adapter's forward and
+backward, the randomized SVD's steps); a backend is one module here that defines them under those
+names, with unavailable_reason() (why it cannot run on this machine) and unsupported_reasons(x, weight,
+rank) (why it cannot run these inputs); `registry` lists the modules. To add a backend, write the
+module and add its name to registry._MODULES. See docs/design.md, "Backends".
 
 The backends here:
 - "torch":  torch_backend, plain torch on any device (a folded weight in fp32, one GEMM over the
             concatenated inner dimension in bf16 / fp16).
 - "triton": triton_backend over the kernels in attrspace.kernels (CUDA tensors; CPU tensors only
             under TRITON_INTERPRET=1, which is for tests).
-- "cuda":   cuda_backend over attrspace._C when it was built with nvcc, else cupy_jit (the same
-            kernel sources compiled by NVRTC).
+- "cuda":   cuda_backend over the compiled extension attrspace._C (`native`) when it was built with
+            nvcc, else cupy_jit (the same kernel sources compiled by NVRTC); its randomized-SVD step
+            is the extension's batched Jacobi SVD (`jacobi`), built for the CPU as well.
 
 Choosing: an explicit name runs or raises one ValueError with every reason, never a silent fallback.
 "auto" is, on CPU tensors, always "torch" (the Triton interpreter is a test tool); on CUDA tensors the
 fastest of the backends that can run the inputs, timed once per (device, dtype, d_in, d_out, K, token
-bucket) and remembered (measured.py). ATTRSPACE_BACKEND=<name> in the environment makes "auto" mean
+bucket) and remembered (`choice`). ATTRSPACE_BACKEND=<name> in the environment makes "auto" mean
 that name (an error if it cannot run). Implementation modules are imported on first use, so
 `import attrspace` loads neither triton nor _C.
 
@@ -29,78 +28,50 @@ measured choices so far (see status()).
 
 from __future__ import annotations
 
-import importlib
-import os
 import sys
 import types
 
 import torch
 from torch import Tensor
 
-from . import measured, torch_backend
+from attrspace.backends import choice
+from attrspace.backends.ops import RsvdSteps
+from attrspace.backends.registry import (
+    _MODULES,
+    ENV_FORCE,
+    check_forced_name,
+    forced_backend,
+    implementation,
+    names,
+    rsvd_steps,
+    rsvd_unavailable_reason,
+    unavailable_reason,
+    unknown,
+)
 
-_MODULES = {
-    "torch": "attrspace.backends.torch_backend",
-    "triton": "attrspace.backends.triton_backend",
-    "cuda": "attrspace.backends.cuda_backend",
-}
-ENV_FORCE = "ATTRSPACE_BACKEND"
-
-# Imported implementations and their availability, filled on first use. torch.compile cannot trace an
-# import, so `preload` fills both before any tracing (the adapter modules call it when built);
-# afterwards `select` is dict lookups and metadata checks, which trace.
-_LOADED: dict[str, types.ModuleType] = {"torch": torch_backend}
-_UNAVAILABLE: dict[str, str | None] = {"torch": None}
-# ATTRSPACE_BACKEND as last read outside tracing (tracing reads this copy, a constant).
-_forced: list[str | None] = [None]
-
-
-def names() -> tuple[str, ...]:
-    return tuple(_MODULES)
-
-
-def _unknown(name: str, where: str = "backend") -> ValueError:
-    return ValueError(f"unknown {where} {name!r}; expected 'auto' or one of {sorted(_MODULES)}")
-
-
-def implementation(name: str) -> types.ModuleType:
-    """The module implementing backend `name` (imported on first use)."""
-    module = _LOADED.get(name)
-    if module is None:
-        if name not in _MODULES:
-            raise _unknown(name)
-        module = _LOADED[name] = importlib.import_module(_MODULES[name])
-    return module
-
-
-def unavailable_reason(name: str) -> str | None:
-    """None when backend `name` can run on this machine, else the reason it cannot (cached)."""
-    if name not in _UNAVAILABLE:
-        try:
-            reason = implementation(name).unavailable_reason()
-        except ImportError as exc:
-            reason = f"its implementation could not be imported ({exc})"
-        _UNAVAILABLE[name] = reason
-    return _UNAVAILABLE[name]
-
-
-def forced_backend() -> str | None:
-    """The backend ATTRSPACE_BACKEND makes "auto" mean, or None; ValueError for an unknown name."""
-    if not torch.compiler.is_compiling():
-        value = os.environ.get(ENV_FORCE, "").strip() or None
-        if value is not None and value not in _MODULES:
-            raise ValueError(
-                f"environment variable {ENV_FORCE}={value!r} names no backend; "
-                f"expected one of {sorted(_MODULES)} (or unset it)"
-            )
-        _forced[0] = value
-    return _forced[0]
+__all__ = [
+    "ENV_FORCE",
+    "RsvdSteps",
+    "Status",
+    "auto_rsvd_backend",
+    "candidates",
+    "check_forced_name",
+    "forced_backend",
+    "implementation",
+    "names",
+    "preload",
+    "reasons",
+    "select",
+    "select_rsvd_steps",
+    "status",
+    "unavailable_reason",
+]
 
 
 def preload(requested: str) -> None:
     """Import what `select(requested, ...)` may need; raises ValueError for an unknown name."""
     if requested != "auto" and requested not in _MODULES:
-        raise _unknown(requested)
+        raise unknown(requested)
     forced_backend()
     for name in _MODULES if requested == "auto" else (requested,):
         unavailable_reason(name)
@@ -126,10 +97,10 @@ def select(requested: str, x: Tensor, weight: Tensor, rank: int) -> str:
     if requested == "auto":
         forced = forced_backend()
         if forced is None:
-            return measured.choose(candidates(x, weight, rank), x, weight, rank)
+            return choice.choose(candidates(x, weight, rank), x, weight, rank)
         requested, origin = forced, f" (forced by {ENV_FORCE})"
     elif requested not in _MODULES:
-        raise _unknown(requested)
+        raise unknown(requested)
     else:
         origin = ""
     why = reasons(requested, x, weight, rank)
@@ -142,9 +113,33 @@ def select(requested: str, x: Tensor, weight: Tensor, rank: int) -> str:
     return requested
 
 
+def auto_rsvd_backend(device: torch.device) -> str:
+    """The backend "auto" picks for the randomized SVD's steps on `device`: "torch", for now.
+
+    CPU: the backends differ only in the small SVDs (24 x 24 float64 and 16 x 16 per operator at rank
+    16), 2% of the whole decomposition. For 192 such matrices on one core of the benchmark CPU,
+    torch.linalg.svd took 6.3 ms (16 x 16, float32) and 20.4 ms (24 x 24, float64), the extension's
+    Jacobi SVD 5.8 and 28.2 ms: no gain worth a dependence on the compiled extension. CUDA: the Triton
+    and CUDA kernels have not been timed on a GPU yet (bench/RESULTS.md), so nothing justifies them.
+    """
+    return "torch"
+
+
+def select_rsvd_steps(requested: str, device: torch.device) -> RsvdSteps:
+    """The randomized-SVD steps of `requested` ("auto" or a backend name) for tensors on `device`;
+    ValueError naming why an explicitly requested backend cannot run there."""
+    name = auto_rsvd_backend(device) if requested == "auto" else requested
+    if name not in _MODULES:
+        raise unknown(name)
+    reason = rsvd_unavailable_reason(name, device)
+    if reason is not None:
+        raise ValueError(f"backend {name!r} cannot run the randomized SVD on {device}: {reason}")
+    return rsvd_steps(name)
+
+
 class Status(dict):
     """Every backend mapped to "available" or the reason it is not; `.choices` holds what "auto"
-    measured and chose in this process (measured.Choice per key), and str() shows both."""
+    measured and chose in this process (choice.Choice per key), and str() shows both."""
 
     def __init__(self, availability: dict[str, str], choices: dict):
         super().__init__(availability)
@@ -156,7 +151,7 @@ class Status(dict):
             lines.append(
                 "auto chose (device dtype d_in d_out K tokens<=bucket: backend, ms per pass):"
             )
-            lines += [f"  {measured.describe(key, choice)}" for key, choice in self.choices.items()]
+            lines += [f"  {choice.describe(key, choice)}" for key, choice in self.choices.items()]
         else:
             lines.append("auto has measured nothing yet in this process")
         return "\n".join(lines)
@@ -165,12 +160,14 @@ class Status(dict):
 def status() -> Status:
     """What `attrspace.backends()` returns: availability of every backend and the measured choices."""
     availability = {name: unavailable_reason(name) or "available" for name in _MODULES}
-    return Status(availability, measured.choices())
+    return Status(availability, choice.choices())
 
 
 class _CallablePackage(types.ModuleType):
-    # `attrspace.backends()` predates this folder; a callable package keeps that call working while
-    # `attrspace.backends` is also the package itself (module __class__ assignment, Python >= 3.5).
+    # `attrspace.backends()` is public (README) and `attrspace.backends` is also this package: a
+    # module attribute of the parent cannot be both a function and a submodule (importing the
+    # submodule rebinds the name), so the package itself is made callable (module __class__
+    # assignment, Python >= 3.5).
     def __call__(self) -> Status:
         return status()
 

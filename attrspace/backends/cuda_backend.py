@@ -14,8 +14,10 @@ import functools
 import torch
 from torch import Tensor
 
-from .. import _native, reference
-from . import cupy_jit
+from attrspace.adapters import reference
+from attrspace.backends import cupy_jit
+from attrspace.backends import native as _native
+from attrspace.backends.jacobi import jacobi_svd
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 MAX_RANK = 128
@@ -234,13 +236,33 @@ def _backward_fake(dy, weight, U, Q, need_dx):
 def forward(
     x: Tensor, weight: Tensor, bias: Tensor | None, V: Tensor, P: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """y = x W^T + b + z32 P^T and z = x V in one launch; shapes as attrspace.reference.forward."""
+    """y = x W^T + b + z32 P^T and z = x V in one launch; shapes as attrspace.adapters.reference.forward."""
     return _forward_op(x.contiguous(), weight, bias, V.contiguous(), P.contiguous())
 
 
 def backward(
     dy: Tensor, weight: Tensor, U: Tensor, Q: Tensor, need_dx: bool
 ) -> tuple[Tensor | None, Tensor]:
-    """dx = dy W + g Q^T and g = dy U in fp32, in one launch; as attrspace.reference.backward."""
+    """dx = dy W + g Q^T and g = dy U in fp32, in one launch; as attrspace.adapters.reference.backward."""
     dx, g = _backward_op(dy.contiguous(), weight, U.contiguous(), Q.contiguous(), need_dx)
     return (dx if need_dx else None), g
+
+
+# Randomized-SVD step (attrspace.backends.ops): the small SVDs as the extension's batched one-sided
+# Jacobi SVD (one matrix per CPU task or per GPU thread block); the GEMMs and the orthonormalisation
+# run the torch backend's.
+
+
+def rsvd_unavailable_reason(device: torch.device) -> str | None:
+    if device.type not in ("cpu", "cuda"):
+        return f"the extension's Jacobi SVD runs on CPU and CUDA tensors, not on {device}"
+    module = _native.native()
+    if module is None:
+        return _native.native_unavailable_reason()
+    if not hasattr(module, "jacobi_svd_cpu"):
+        return "attrspace._C was built before the Jacobi SVD existed: rebuild it (pip install .)"
+    return _native.cuda_unavailable_reason() if device.type == "cuda" else None
+
+
+def rsvd_small_svd(core: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return jacobi_svd(core)

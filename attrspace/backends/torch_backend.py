@@ -3,7 +3,7 @@
 fp32 / fp64 fold the adapter into an effective weight on the fly (W + P V^T forward, W + U Q^T
 backward): d_out * d_in * K flops per pass whatever T is, and the fold is a temporary, never written
 to the layer. bf16 / fp16 cannot fold (an update rounded into a bf16 weight is mostly lost, see
-tests/test_functional.py) and must not upcast (fp32 GEMMs run 10-20x slower than bf16 ones on a GPU),
+tests/adapters/test_functional.py) and must not upcast (fp32 GEMMs run 10-20x slower than bf16 ones on a GPU),
 so they run one GEMM over the concatenated inner dimension,
     y  = [x | z] [W | P]^T + b        (inner dimension d_in + K)
     dx = [dy | g] [W ; Q^T]           (inner dimension d_out + K)
@@ -11,7 +11,7 @@ where cuBLAS accumulates the base and the adapter term together in fp32 and roun
 cost is the frozen GEMM on K more columns plus a copy of x (dy) into the wider buffer. On a CPU the
 bf16 GEMM itself is the slow one (no bf16 matrix units on the CPU of bench/RESULTS.md: 1024 -> 3072 at
 T = 2048 took 21 s concatenated against 0.45 s upcast), so CPU tensors run the reference's fp32 GEMMs
-(attrspace.reference), which round once as well. Both paths run on any device; tests/test_torch_backend.py checks both.
+(attrspace.adapters.reference), which round once as well. Both paths run on any device; tests/backends/test_torch_backend.py checks both.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import reference
-from ..reference import accum_dtype
+from attrspace.adapters import reference
+from attrspace.adapters.reference import accum_dtype
+from attrspace.linalg.orthonormalize import cholesky_qr
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -81,3 +82,24 @@ def backward_concat(
         wq = torch.cat((weight, Q.to(dy.dtype).t()), dim=0)
         dx = torch.cat((dy, g), dim=1) @ wq
     return dx, g.float()
+
+
+# Randomized-SVD steps (attrspace.backends.ops): the reference every other backend's steps match.
+
+
+def rsvd_matmul(a: Tensor, x: Tensor, transpose: bool) -> Tensor:
+    if transpose:
+        return a.mT @ x
+    # a @ x with a narrow x, computed as (x^T a^T)^T: the CPU GEMM then runs a's long dimension as its
+    # wide output side; bmm(a, x) itself ran at 13 GFLOP/s against 31 for this form at (3072, 160) x
+    # (160, 24) on the benchmark CPU (one thread). The result is a transposed view.
+    return torch.bmm(x.mT, a.mT).mT
+
+
+def rsvd_orthonormalize(y: Tensor, passes: int) -> Tensor:
+    return cholesky_qr(y, passes)
+
+
+def rsvd_small_svd(core: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    u, s, vh = torch.linalg.svd(core)
+    return u, s, vh.mT

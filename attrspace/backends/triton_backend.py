@@ -14,9 +14,11 @@ import os
 import torch
 from torch import Tensor
 
-from .. import reference
+from attrspace.adapters import reference
+from attrspace.linalg.orthonormalize import cholesky_qr
 
 _KERNELS = "attrspace.kernels.subspace_linear"
+_RSVD_KERNELS = "attrspace.kernels.rsvd"
 _MIN_CAPABILITY = (8, 0)  # bf16 and tf32 tensor-core MMAs
 # Filled by unavailable_reason(), which attrspace.backends.preload calls before any torch.compile tracing, so that
 # unsupported_reasons() is plain lookups and metadata checks (an import cannot be traced).
@@ -103,13 +105,40 @@ def _backward_fake(dy, weight, U, Q, need_dx):
 def forward(
     x: Tensor, weight: Tensor, bias: Tensor | None, V: Tensor, P: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """y = x W^T + b + z P^T and z = x V in one fused launch; shapes as attrspace.reference.forward."""
+    """y = x W^T + b + z P^T and z = x V in one fused launch; shapes as attrspace.adapters.reference.forward."""
     return _forward_op(x, weight, bias, V, P)
 
 
 def backward(
     dy: Tensor, weight: Tensor, U: Tensor, Q: Tensor, need_dx: bool
 ) -> tuple[Tensor | None, Tensor]:
-    """dx = dy W + g Q^T and g = dy U in fp32, one fused launch; as attrspace.reference.backward."""
+    """dx = dy W + g Q^T and g = dy U in fp32, one fused launch; as attrspace.adapters.reference.backward."""
     dx, g = _backward_op(dy, weight, U, Q, need_dx)
     return (dx if need_dx else None), g
+
+
+# Randomized-SVD steps (attrspace.backends.ops): the batched GEMM and CholeskyQR kernels of
+# attrspace.kernels.rsvd; the small SVDs run the torch backend's.
+
+
+def rsvd_unavailable_reason(device: torch.device) -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return (
+        f"Triton kernels need a CUDA device, or TRITON_INTERPRET=1 for CPU tensors (got {device})"
+    )
+
+
+def rsvd_matmul(a: Tensor, x: Tensor, transpose: bool) -> Tensor:
+    return importlib.import_module(_RSVD_KERNELS).batched_matmul(a, x, transpose_a=transpose)
+
+
+def rsvd_orthonormalize(y: Tensor, passes: int) -> Tensor:
+    rsvd = importlib.import_module(_RSVD_KERNELS)
+    if y.shape[-1] > rsvd.MAX_COLS:  # wider than the kernel holds in registers: the torch steps
+        return cholesky_qr(y, passes)
+    return rsvd.cholesky_qr(y, min(passes, 3))

@@ -1,4 +1,4 @@
-"""Synthetic multi-view data with controlled variation (design section 5).
+"""Synthetic multi-view data with controlled variation (docs/design.md §9).
 
 A SceneSpec (geometry, texture, camera, lighting) is drawn from seeded numpy streams, rendered by a
 vectorised torch ray caster (render_scene), grouped into families in which one attribute varies

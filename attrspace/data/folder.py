@@ -47,9 +47,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attrspace._folders import staged_folder
-from attrspace._io import atomic_write_bytes
 from attrspace.data.storage import make_sample
+from attrspace.util.files import atomic_write_bytes
+from attrspace.util.folders import staged_folder
 
 FORMAT = "attrspace-scene"
 VERSION = 1

@@ -52,7 +52,7 @@ def pow_(t: Tensor, exponent: float | Tensor) -> Tensor:
     """t ** exponent for t >= 0 (0 ** positive = 0), as exp(exponent * log t): torch's CPU pow
     computes the elements that do not fill a whole SIMD vector another way, so its result for one
     ray would depend on the ray's position in the batch; exp and log gave bit-identical results at
-    every offset and thread count tried (tests/test_data_render.py checks a render's bytes do not
+    every offset and thread count tried (tests/data/test_render.py checks a render's bytes do not
     change with chunking)."""
     return torch.exp(torch.log(t) * exponent)
 

@@ -139,24 +139,32 @@ def _surface(material: Material, tex_points: Tensor) -> tuple[Tensor, Tensor, Te
     return albedo, torch.full((m,), material.specular), torch.full((m,), material.shininess)
 
 
-def _render_rays(spec: SceneSpec, origins: Tensor, dirs: Tensor) -> dict[str, Tensor]:
-    """Flat rays (N, 3) -> rgb (N, 3), depth (N,), points (N, 3), normals (N, 3), valid (N,)."""
-    n = origins.shape[0]
-    geo, look = spec.geometry, spec.texture
-    prims = [PlacedPrimitive.from_spec(p) for p in geo.primitives]
+def _nearest_surface(
+    prims: list[PlacedPrimitive], spec: SceneSpec, origins: Tensor, dirs: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per ray: distance t, surface id (-2 background, -1 room, i >= 0 primitive i), room face id."""
+    geo = spec.geometry
     t, room_id = intersect_room(origins, dirs, geo.room_half_extent, geo.wall_height)
-    surface = torch.where(room_id >= 0, -1, -2)  # -1 room, -2 background, i >= 0 primitive i
+    surface = torch.where(room_id >= 0, -1, -2)
     for i, prim in enumerate(prims):
         t_i = intersect(prim, origins, dirs)
         closer = t_i < t
         t = torch.where(closer, t_i, t)
         surface = torch.where(closer, i, surface)
-    valid = surface > -2
-    idx = torch.nonzero(valid).squeeze(1)
-    points = origins[idx] + t[idx, None] * dirs[idx]
+    return t, surface, room_id
+
+
+def _surface_properties(
+    spec: SceneSpec, prims: list[PlacedPrimitive], points: Tensor, surf: Tensor, rid: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Normals, albedo, specular weight and shininess at hit points on surfaces `surf`."""
+    look = spec.texture
     normals = torch.zeros_like(points)
-    albedo, spec_w, shin = torch.zeros_like(points), torch.zeros(len(idx)), torch.ones(len(idx))
-    surf = surface[idx]
+    albedo, spec_w, shin = (
+        torch.zeros_like(points),
+        torch.zeros(len(points)),
+        torch.ones(len(points)),
+    )
 
     def fill(sel: Tensor, n_sel: Tensor, material: Material, tex_points: Tensor) -> None:
         normals[sel] = n_sel
@@ -168,8 +176,7 @@ def _render_rays(spec: SceneSpec, origins: Tensor, dirs: Tensor) -> dict[str, Te
             mat = look.objects[i % len(look.objects)]
             fill(sel, world_normals(prim, points[sel]), mat, prim.object_coords(points[sel]))
     # Room: texture coordinates in each surface's own plane, so a flat wall sees a 2D pattern.
-    rid = room_id[idx]
-    zero = torch.zeros(len(idx))
+    zero = torch.zeros(len(points))
     for sid, plane, mat in (
         (0, (0, 1), look.floor),
         (1, (1, 2), look.walls),
@@ -183,22 +190,28 @@ def _render_rays(spec: SceneSpec, origins: Tensor, dirs: Tensor) -> dict[str, Te
             n_sel[:, axis] = 1.0 if sid == 0 else -torch.sign(p[:, axis])
             tex = torch.stack([p[:, plane[0]], p[:, plane[1]], zero[sel]], 1)
             fill(sel, n_sel, mat, tex)
+    return normals, albedo, spec_w, shin
 
+
+def _render_rays(spec: SceneSpec, origins: Tensor, dirs: Tensor) -> dict[str, Tensor]:
+    """Flat rays (N, 3) -> rgb (N, 3), depth (N,), points (N, 3), normals (N, 3), valid (N,)."""
+    n = origins.shape[0]
+    prims = [PlacedPrimitive.from_spec(p) for p in spec.geometry.primitives]
+    t, surface, room_id = _nearest_surface(prims, spec, origins, dirs)
+    valid = surface > -2
+    idx = torch.nonzero(valid).squeeze(1)
+    points = origins[idx] + t[idx, None] * dirs[idx]
+    normals, albedo, spec_w, shin = _surface_properties(
+        spec, prims, points, surface[idx], room_id[idx]
+    )
     ray_dirs = torch.nn.functional.normalize(dirs[idx], dim=1)
     facing = dot(normals, ray_dirs)[:, None]
     normals = torch.where(facing > 0, -normals, normals)  # face the viewer
     lighting = spec.lighting
     radiance = _shade(
-        albedo,
-        normals,
-        -ray_dirs,
-        spec_w,
-        shin,
-        points,
-        prims,
-        lighting.lights,
+        albedo, normals, -ray_dirs, spec_w, shin, points, prims, lighting.lights,
         torch.tensor(lighting.ambient),
-    )
+    )  # fmt: skip
     rgb = torch.tensor(lighting.background).repeat(n, 1)
     rgb[idx] = pow_(radiance.clamp(0.0, 1.0), _GAMMA)
     out_points = torch.zeros(n, 3)

@@ -29,8 +29,6 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from attrspace._folders import staged_folder
-from attrspace._io import atomic_write_bytes
 from attrspace.data.families import (
     ARRAY_KEYS,
     DatasetSpec,
@@ -40,6 +38,8 @@ from attrspace.data.families import (
 )
 from attrspace.data.render import check_size
 from attrspace.geometry import depth_to_camera_points, unproject_depth
+from attrspace.util.files import atomic_write_bytes
+from attrspace.util.folders import staged_folder
 
 FORMAT = "attrspace-multiview"
 VERSION = 1

@@ -34,7 +34,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._operators import (
+from attrspace.backends import RsvdSteps, select_rsvd_steps
+from attrspace.linalg._operators import (
     Chunks,
     Operator,
     OperatorGroup,
@@ -42,7 +43,6 @@ from ._operators import (
     checked_gram,
     group_operators,
 )
-from .backends import RsvdSteps, select_steps
 
 
 def _hmt_dense(steps: RsvdSteps, a: Tensor, omega: Tensor, rank: int, power_iters: int):
@@ -155,6 +155,18 @@ def _sketch_width(group: OperatorGroup, rank: int, oversample: int) -> int:
     return max(rank, min(width, group.kr)) if group.factored else width
 
 
+def _factored_chunk(steps, group, first, second, indices, sketch, rank, power_iters):
+    """U, S, V of one chunk of factored operators C = P Q^T, and the scale S must be multiplied by."""
+    gram = functools.partial(_gram, steps)
+    g_p, scale_p = checked_gram(first, gram, indices, " (factor P)")
+    g_q, scale_q = checked_gram(second, gram, indices, " (factor Q)")
+    if group.m > group.n:  # decompose C^T = Q P^T: see the module docstring
+        v, s, u = _hmt_factored(steps, second, first, (g_q, g_p), sketch, rank, power_iters)
+    else:
+        u, s, v = _hmt_factored(steps, first, second, (g_p, g_q), sketch, rank, power_iters)
+    return u, s, v, scale_p * scale_q
+
+
 def randomized_svd(
     ops: Sequence[Operator],
     rank: int,
@@ -170,7 +182,7 @@ def randomized_svd(
     rank: singular triplets per operator, 1 <= rank <= min(m, n). oversample: extra sketch columns
     (l = min(rank + oversample, m, n), and at most max(kr, rank) in factor form). power_iters: power
     iterations, each one application of C and one of C^T. backend: "auto", "torch" (reference), "triton"
-    or "native" (see attrspace.linalg.backends). generator: drives the Gaussian sketch, drawn on the
+    or "cuda" (see attrspace.backends.ops). generator: drives the Gaussian sketch, drawn on the
     generator's device.
 
     Returns, per operator in input order, (U (m, rank), S (rank,), V (n, rank)) in the operator's dtype
@@ -183,7 +195,7 @@ def randomized_svd(
     groups = group_operators(ops, rank)
     results: list[tuple[Tensor, Tensor, Tensor] | None] = [None] * len(ops)
     for group in groups:
-        steps = select_steps(backend, group.device)
+        steps = select_rsvd_steps(backend, group.device)
         width = _sketch_width(group, rank, oversample)
         draw_on = generator.device if generator is not None else group.device
         # Dense operators are sketched by Omega (n, l); factored ones in kr coordinates (_hmt_factored).
@@ -200,18 +212,9 @@ def randomized_svd(
                 scale = checked_dense(first, indices)
                 u, s, v = _hmt_dense(steps, first, sketch, rank, power_iters)
             else:
-                gram = functools.partial(_gram, steps)
-                g_p, scale_p = checked_gram(first, gram, indices, " (factor P)")
-                g_q, scale_q = checked_gram(second, gram, indices, " (factor Q)")
-                scale = scale_p * scale_q
-                if group.m > group.n:  # decompose C^T = Q P^T: see the module docstring
-                    v, s, u = _hmt_factored(
-                        steps, second, first, (g_q, g_p), sketch, rank, power_iters
-                    )
-                else:
-                    u, s, v = _hmt_factored(
-                        steps, first, second, (g_p, g_q), sketch, rank, power_iters
-                    )
+                u, s, v, scale = _factored_chunk(
+                    steps, group, first, second, indices, sketch, rank, power_iters
+                )
             s = s * scale
             for j, i in enumerate(indices):
                 results[i] = (u[j], s[j], v[j])

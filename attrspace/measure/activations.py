@@ -1,6 +1,6 @@
 """Where a VGGT training step keeps its memory: saved-activation bytes per method, frame count and
 checkpointing setting, split by region (DINO patch encoder, aggregator blocks, camera / depth /
-point heads, the rest), counted exactly on the meta device (`attrspace.memory_meta` says what is
+point heads, the rest), counted exactly on the meta device (`attrspace.measure.memory_meta` says what is
 counted: autograd's saved tensors, the inputs checkpointed calls keep, attention counted as the
 flash kernel saves it). Nothing is allocated: VGGT-1B at 24 frames x 518 px is counted on a CPU
 in seconds.
@@ -27,10 +27,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from attrspace.memory_meta import flash_attention_accounting
+from attrspace.adapters.inject import inject, inject_lora
+from attrspace.bank import linear_shapes, random_bank
+from attrspace.measure.memory_meta import flash_attention_accounting
+from attrspace.measure.profiling import storage_key
 from attrspace.models.vggt import VGGT, VGGTConfig, aggregator, camera_head, dpt_head
 from attrspace.models.vggt.params import block_linear_names
-from attrspace.profiling import storage_key
+from attrspace.pipeline.presets import PRESETS, get_preset
 
 GIB = 2**30
 REGIONS = ("DINO", "blocks", "camera head", "depth head", "point head", "other")
@@ -84,9 +87,6 @@ def build_model(
 ) -> VGGT:
     """VGGT on the meta device, the aggregator in `dtype`, `method`'s adapters on the block
     linears, gradient checkpointing of the aggregator and the heads set to `checkpointing`."""
-    import attrspace
-    from attrspace.bank import linear_shapes, random_bank
-
     kind, rank = parse_method(method)
     with torch.device("meta"):
         model = VGGT(config)
@@ -96,9 +96,9 @@ def build_model(
     targets = tuple(block_linear_names(model))
     if kind == "subspace":
         bank = random_bank(linear_shapes(model, targets), rank, scale=2.0, dtype=dtype)
-        attrspace.inject(model, bank)
+        inject(model, bank)
     elif kind == "lora":
-        attrspace.inject_lora(model, targets, rank=rank, alpha=2 * rank)
+        inject_lora(model, targets, rank=rank, alpha=2 * rank)
     return model.train()
 
 
@@ -206,8 +206,6 @@ def _resolve(model: VGGTConfig | str) -> tuple[str, VGGTConfig]:
     """A VGGTConfig, a preset name or a config.json path -> (label, config)."""
     if isinstance(model, VGGTConfig):
         return "VGGT config", model
-    from attrspace.pipeline.presets import PRESETS, get_preset
-
     if model in PRESETS:
         return f"preset {model}", get_preset(model).model
     if Path(model).exists():

@@ -7,11 +7,11 @@ resumes. `attrspace run --preset tiny --out DIR` is the command-line form.
     ws = run_pipeline(get_preset("tiny"), "runs/tiny")   # writes runs/tiny/report.md
 """
 
-from .cache import StageFileError
-from .presets import METHODS, PRESETS, DataSizes, Preset, get_preset
-from .report import write_report
-from .run import STAGES, run_pipeline, run_stages
-from .workspace import Workspace
+from attrspace.pipeline.cache import StageFileError
+from attrspace.pipeline.presets import METHODS, PRESETS, DataSizes, Preset, get_preset
+from attrspace.pipeline.report.document import write_report
+from attrspace.pipeline.run import STAGES, run_pipeline, run_stages
+from attrspace.pipeline.workspace import Workspace
 
 __all__ = [
     "METHODS",

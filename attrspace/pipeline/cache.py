@@ -32,8 +32,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from attrspace._folders import staged_folder
-from attrspace._io import atomic_write_bytes
+from attrspace.util.files import atomic_write_bytes
+from attrspace.util.folders import staged_folder
 
 MARKER = ".stage.json"
 # Bumped whenever a stage's outputs change meaning for the same configuration.

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from attrspace.data import ATTRIBUTES, DOWNSTREAM_TASKS
-from attrspace.mine import MiningConfig
+from attrspace.mining.subspaces import MiningConfig
 from attrspace.models.vggt.config import VGGTConfig
 from attrspace.train.trainer import TrainConfig
 

@@ -11,19 +11,22 @@ from pathlib import Path
 
 import torch
 
-from attrspace._folders import folder_lock
-
-from . import ranks
-from .cache import StageFileError, read_json, write_json_atomic
-from .finetune import finetune_stage
-from .mining import mine_stage
-from .presets import Preset
-from .stages import lora_stage, pretrain_stage, render_stage
-from .workspace import RunInputError, Workspace, torch_threads
+from attrspace.pipeline import spread
+from attrspace.pipeline.cache import StageFileError, read_json, write_json_atomic
+from attrspace.pipeline.presets import Preset
+from attrspace.pipeline.report.document import write_report
+from attrspace.pipeline.stages.finetune import finetune_stage
+from attrspace.pipeline.stages.lora import lora_stage
+from attrspace.pipeline.stages.mining import mine_stage
+from attrspace.pipeline.stages.pretrain import pretrain_stage
+from attrspace.pipeline.stages.render import render_stage
+from attrspace.pipeline.study import study_stage
+from attrspace.pipeline.workspace import RUNS_FILE, RunInputError, Workspace, torch_threads
+from attrspace.util.folders import folder_lock
 
 STAGES = ("render", "pretrain", "train-lora", "mine", "finetune")
-RUNS_FILE = "runs.json"
-LOCK_FILE = ".lock"  # OUT/.lock, with the holder in OUT/.lock.owner (attrspace._folders)
+
+LOCK_FILE = ".lock"  # OUT/.lock, with the holder in OUT/.lock.owner (attrspace.util.folders)
 
 
 def run_folder_lock(out: Path):
@@ -90,25 +93,23 @@ def run_stages(ws: Workspace, until: str = "finetune") -> dict:
     last = STAGES.index(until)
     out: dict = {}
     # Under torchrun the ranks split the LoRA, fine-tuning and study-arm jobs
-    # (attrspace.pipeline.ranks); one-job stages run on rank 0, the others read its cached results.
+    # (attrspace.pipeline.spread); one-job stages run on rank 0, the others read its cached results.
     with torch_threads(ws.preset.threads):
         ws.say(f"[1/5] render ({ws.out / 'data'})")
-        out["data"] = ranks.run_on_leader(render_stage, ws)
+        out["data"] = spread.run_on_leader(render_stage, ws)
         if last >= 1:
             ws.say("[2/5] base model")
-            out["base"] = ranks.run_on_leader(pretrain_stage, ws)
+            out["base"] = spread.run_on_leader(pretrain_stage, ws)
         if last >= 2:
             ws.say("[3/5] attribute LoRAs")
-            out["loras"] = ranks.run_spread(lora_stage, ws, out["base"])
+            out["loras"] = spread.run_spread(lora_stage, ws, out["base"])
         if last >= 3:
             ws.say("[4/5] mining")
-            out["mine"] = ranks.run_on_leader(mine_stage, ws, out["base"], out["loras"])
+            out["mine"] = spread.run_on_leader(mine_stage, ws, out["base"], out["loras"])
         if last >= 4:
             ws.say("[5/5] fine-tuning")
-            out["finetune"] = ranks.run_spread(finetune_stage, ws, out["base"], out["mine"])
+            out["finetune"] = spread.run_spread(finetune_stage, ws, out["base"], out["mine"])
         if last >= 4 and ws.preset.study is not None:
-            from .study import study_stage
-
             ws.say("[5/5] study: control banks, statistics, arms x seeds")
             # every rank: it spreads its own jobs
             out["study"] = study_stage(ws, out["base"], out["loras"], out["mine"])
@@ -168,8 +169,8 @@ def run_pipeline(
     FolderBusyError naming the holder."""
     if not str(out).strip():
         raise RunInputError("the run folder must be named (got an empty path)")
-    with ranks.process_group():
-        leader = ranks.is_leader()
+    with spread.process_group():
+        leader = spread.is_leader()
         ws = Workspace(Path(out), preset, checkpoint, loras_dir, progress and leader)
         prepare_run_folder(ws.out)
         # Rank 0 holds the lock for the whole job; the other ranks write only the jobs it hands them.
@@ -181,8 +182,6 @@ def run_pipeline(
                 return ws
             entry = record_run(ws, command, started, load_before, time.perf_counter() - tick)
             if report and until == "finetune":
-                from .report import write_report
-
                 path = write_report(ws.out)
                 ws.say(f"report: {path}")
         ws.say(

@@ -25,15 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from attrspace.adapters.inject import inject, inject_lora
 from attrspace.bank import SubspaceBank
-from attrspace.inject import inject, inject_lora
-from attrspace.mine import mine, updates_from_peft
+from attrspace.export.peft_folder import WEIGHTS_NAME, load_peft, lora_state
+from attrspace.mining.subspaces import mine, updates_from_peft
 from attrspace.models.vggt.params import adaptation_targets, block_linear_names
-from attrspace.peft_io import WEIGHTS_NAME, load_peft, lora_state
-
-from . import ranks
-from . import study_stats as st
-from .cache import (
+from attrspace.pipeline import spread
+from attrspace.pipeline import study_stats as st
+from attrspace.pipeline.cache import (
     clear_marker,
     digest,
     file_sha256,
@@ -42,11 +41,11 @@ from .cache import (
     write_json_atomic,
     write_marker,
 )
-from .evaluate import error_terms, test_metrics
-from .finetune import prepare, training_config
-from .mining import bank_path, matched_random_bank, single_attribute_bank
-from .stages import data_digest, derived_seed, lora_files_digest, train_job
-from .workspace import Workspace
+from attrspace.pipeline.stages.common import data_digest, derived_seed, lora_files_digest, train_job
+from attrspace.pipeline.stages.evaluate import error_terms, test_metrics
+from attrspace.pipeline.stages.finetune import prepare, training_config
+from attrspace.pipeline.stages.mining import bank_path, matched_random_bank, single_attribute_bank
+from attrspace.pipeline.workspace import Workspace
 
 STATS_FILE = "stats.json"
 RECORD_FILE = "record.json"
@@ -328,7 +327,7 @@ def arms_stage(ws: Workspace, base: str, banks: str) -> dict[str, list[dict]]:
         out[arm] = []
         for seed in range(1 if arm == "zero-shot" else study.seeds):
             jobs += 1
-            if ranks.skip(jobs - 1):  # another rank's job under torchrun
+            if spread.skip(jobs - 1):  # another rank's job under torchrun
                 continue
             folder = ws.out / "study" / "arms" / arm.replace(":", "_") / f"seed{seed}"
             expected = arm_digest(ws, base, arm, seed, banks)
@@ -337,7 +336,7 @@ def arms_stage(ws: Workspace, base: str, banks: str) -> dict[str, list[dict]]:
                 ws.record(key, "cached")
                 out[arm].append(read_json(folder / RECORD_FILE, ("arm", "seed", "status")))
                 continue
-            ranks.claim(folder)
+            spread.claim(folder)
             clear_marker(folder)
             start = time.perf_counter()
             record = run_arm(ws, base, arm, seed, train_scenes, test_scenes)
@@ -357,8 +356,8 @@ def study_stage(ws: Workspace, base: str, folders: dict[str, list[Path]], mined:
     missing = [a for a, ps in folders.items() for p in ps if not (p / WEIGHTS_NAME).is_file()]
     if missing:
         raise ValueError(f"LoRA weights missing for attributes {sorted(set(missing))}")
-    # Called on every rank under torchrun: one-job parts on rank 0, the arms spread over the ranks.
-    banks = ranks.run_on_leader(banks_stage, ws, base, folders, mined)
-    stats = ranks.run_on_leader(stats_stage, ws, base, folders)
-    arms = ranks.run_spread(arms_stage, ws, base, banks)
+    # Called on every rank under torchrun: one-job parts on rank 0, the arms spread over the spread.
+    banks = spread.run_on_leader(banks_stage, ws, base, folders, mined)
+    stats = spread.run_on_leader(stats_stage, ws, base, folders)
+    arms = spread.run_spread(arms_stage, ws, base, banks)
     return {"banks": banks, "stats": stats, "arms": arms}

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import MARKER, read_json
-from .presets import STUDY_BANKS, STUDY_METHODS
-from .study import RECORD_FILE, STATS_FILE
-from .study_verdict import (
+from attrspace.pipeline.cache import MARKER, read_json
+from attrspace.pipeline.presets import STUDY_BANKS, STUDY_METHODS
+from attrspace.pipeline.study import RECORD_FILE, STATS_FILE
+from attrspace.pipeline.study_verdict import (
     INIT_ENERGY_MAX,
     LORA_MOVE_MIN,
     compare,
@@ -64,7 +64,7 @@ def _figure(out: Path, info: dict) -> list[str]:
         import matplotlib  # noqa: F401
     except ImportError:
         return ["(Study figure skipped: matplotlib is not installed.)"]
-    from .figures import study_figure
+    from attrspace.pipeline.report.figures import study_figure
 
     arms = info["arms"]
     comparisons = [compare(arms, a, "bank:mined") for a in arms if a != "bank:mined"]

@@ -32,7 +32,7 @@ G2 makes (b) and (c) inconclusive (no room for methods to differ).
 
 from __future__ import annotations
 
-from .study_stats import paired_two_way
+from attrspace.pipeline.study_stats import paired_two_way
 
 LORA_MOVE_MIN, INIT_ENERGY_MAX = 0.35, 0.75
 SPECIFIC_P, NOT_SPECIFIC_P = 0.01, 0.05

@@ -14,12 +14,12 @@ from safetensors import safe_open
 from attrspace.data import MultiViewDataset, read_manifest
 from attrspace.models.vggt.checkpoint import load_checkpoint
 from attrspace.models.vggt.model import VGGT
-
-from .cache import StageFileError, digest
-from .presets import Preset
+from attrspace.pipeline.cache import StageFileError, digest
+from attrspace.pipeline.presets import Preset
 
 BASE_FILE = "model.safetensors"
 DIGEST_KEY = "attrspace_digest"
+RUNS_FILE = "runs.json"  # OUT/runs.json: one record per command run on the folder
 
 
 class RunInputError(ValueError):

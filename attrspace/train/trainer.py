@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .losses import LossConfig, scene_terms, vggt_loss
+from attrspace.train.losses import LossConfig, scene_terms, vggt_loss
 
 BATCH_KEYS = ("images", "depths", "extrinsics", "intrinsics", "world_points", "point_masks")
 

@@ -1,9 +1,9 @@
 """A VGGT-compatible model (official module names and state-dict layout) with tiny configurations."""
 
-from .checkpoint import LoadReport, load_checkpoint, load_pretrained
-from .config import VGGTConfig
-from .model import VGGT
-from .params import adaptation_targets
+from attrspace.models.vggt.checkpoint import LoadReport, load_checkpoint, load_pretrained
+from attrspace.models.vggt.config import VGGTConfig
+from attrspace.models.vggt.model import VGGT
+from attrspace.models.vggt.params import adaptation_targets
 
 __all__ = [
     "VGGT",

@@ -9,9 +9,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import VGGTConfig
-from .dinov2 import DinoEncoder
-from .layers import Block, RopeTables, init_transformer_weights, rope_tables
+from attrspace.models.vggt.config import VGGTConfig
+from attrspace.models.vggt.dinov2 import DinoEncoder
+from attrspace.models.vggt.layers import Block, RopeTables, init_transformer_weights, rope_tables
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)

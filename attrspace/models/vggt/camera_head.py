@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import VGGTConfig
-from .layers import Block, Mlp, init_transformer_weights
+from attrspace.models.vggt.config import VGGTConfig
+from attrspace.models.vggt.layers import Block, Mlp, init_transformer_weights
 
 POSE_DIM = 9  # [t (3), quaternion xyzw (4), fov_h, fov_w]
 

@@ -16,6 +16,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from attrspace.models.vggt.config import CONFIG_FILE, VGGTConfig
+from attrspace.models.vggt.model import VGGT
+
 # Parts of the official model this package does not build; their keys are skipped when the model
 # lacks the module, with a report line.
 _OPTIONAL_HEADS = ("track_head", "point_head", "depth_head", "camera_head")
@@ -270,6 +273,58 @@ def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(module_name) if module_name else model), attr
 
 
+def _open_source(
+    model: nn.Module, source: str | os.PathLike, revision: str | None
+) -> tuple[_Source, LoadReport]:
+    """The checkpoint behind `source` (file, snapshot folder or hub id) and an empty report for it."""
+    given = os.fspath(source)
+    where = Path(given)
+    label = given
+    if not where.exists() and _looks_like_hub_id(source):
+        where = _download(given, revision)
+        label = f"{given} (snapshot {where})"
+    elif revision is not None:
+        raise ValueError(f"revision={revision!r} applies to hub ids only, not to {given}")
+    if where.is_dir():
+        weights, files = _open_folder(model, where)
+    elif where.is_file():
+        weights = _Source(str(where))
+        files = [weights.path]
+    else:
+        raise FileNotFoundError(f"checkpoint not found: {given}")
+    return weights, LoadReport(path=label, files=files)
+
+
+def _plan(
+    model: nn.Module, weights: _Source, targets: dict[str, Tensor], report: LoadReport
+) -> list[tuple[str, str]]:
+    """(file key, model key) of every tensor to load; what does not fit goes into `report`."""
+    path = weights.path  # names the file (or index) in the errors below
+    plan: list[tuple[str, str]] = []
+    planned: set[str] = set()
+    for raw_key, shape in weights.shapes.items():
+        if _ADAPTER_KEY.search(raw_key):
+            report.adapter_keys.append(raw_key)
+            continue
+        key = normalize_key(raw_key)
+        report.renamed += key != raw_key
+        if key in planned:
+            raise ValueError(f"{path}: two entries map to {key!r} (one is {raw_key!r})")
+        if key not in targets:
+            head = key.split(".", 1)[0]
+            if head in _OPTIONAL_HEADS and getattr(model, head, None) is None:
+                report.skipped[head] = report.skipped.get(head, 0) + 1
+            else:
+                report.unexpected.append(key)
+            continue
+        if shape != tuple(targets[key].shape):
+            report.mismatched.append((key, shape, tuple(targets[key].shape)))
+            continue
+        plan.append((raw_key, key))
+        planned.add(key)
+    return plan
+
+
 def load_checkpoint(
     model: nn.Module,
     source: str | os.PathLike,
@@ -293,47 +348,11 @@ def load_checkpoint(
     touched; otherwise the report lists it (and, in a meta-built model, whatever is missing stays on
     the meta device). Returns a LoadReport (print it for a summary).
     """
-    given = os.fspath(source)
-    where = Path(given)
-    label = given
-    if not where.exists() and _looks_like_hub_id(source):
-        where = _download(given, revision)
-        label = f"{given} (snapshot {where})"
-    elif revision is not None:
-        raise ValueError(f"revision={revision!r} applies to hub ids only, not to {given}")
-    if where.is_dir():
-        weights, files = _open_folder(model, where)
-    elif where.is_file():
-        weights = _Source(str(where))
-        files = [weights.path]
-    else:
-        raise FileNotFoundError(f"checkpoint not found: {given}")
-    path = weights.path  # names the file (or index) in the errors below
+    weights, report = _open_source(model, source, revision)
     targets = model.state_dict(keep_vars=True)
-    report = LoadReport(path=label, files=files)
-    plan: list[tuple[str, str]] = []  # (file key, model key)
-    planned: set[str] = set()
-    for raw_key, shape in weights.shapes.items():
-        if _ADAPTER_KEY.search(raw_key):
-            report.adapter_keys.append(raw_key)
-            continue
-        key = normalize_key(raw_key)
-        report.renamed += key != raw_key
-        if key in planned:
-            raise ValueError(f"{path}: two entries map to {key!r} (one is {raw_key!r})")
-        if key not in targets:
-            head = key.split(".", 1)[0]
-            if head in _OPTIONAL_HEADS and getattr(model, head, None) is None:
-                report.skipped[head] = report.skipped.get(head, 0) + 1
-            else:
-                report.unexpected.append(key)
-            continue
-        if shape != tuple(targets[key].shape):
-            report.mismatched.append((key, shape, tuple(targets[key].shape)))
-            continue
-        plan.append((raw_key, key))
-        planned.add(key)
+    plan = _plan(model, weights, targets, report)
     misfit = {key for key, _, _ in report.mismatched}
+    planned = {key for _, key in plan}
     report.missing = [k for k in targets if k not in planned and k not in misfit]
     # Everything is checked before the first tensor is touched: a refused file changes nothing.
     if strict and not report.ok:
@@ -363,7 +382,7 @@ def _assign(model: nn.Module, key: str, target: Tensor, tensor: Tensor) -> None:
 
 def load_pretrained(
     folder: str | os.PathLike, *, changes: dict | None = None, strict: bool = True
-) -> tuple[nn.Module, LoadReport]:
+) -> tuple[VGGT, LoadReport]:
     """A model folder (config.json + model.safetensors, as `attrspace run` writes OUT/base/, or a
     snapshot folder) -> (VGGT built from its config.json, the LoadReport).
 
@@ -371,9 +390,6 @@ def load_pretrained(
     initialisation, no second copy). changes: VGGTConfig fields to override that do not change
     shapes (e.g. {"gradient_checkpointing": True}). An official config.json (img_size,
     patch_size, embed_dim only) builds the VGGT-1B sizes with those values."""
-    from .config import CONFIG_FILE, VGGTConfig
-    from .model import VGGT
-
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not a folder (a model folder holds {CONFIG_FILE})")

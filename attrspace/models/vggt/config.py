@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from attrspace._io import atomic_write_bytes
+from attrspace.util.files import atomic_write_bytes
 
 CONFIG_FILE = "config.json"
 # Keys of the official constructor's config.json that this package has no field for: the track

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import Block
+from attrspace.models.vggt.layers import Block
 
 
 class PatchEmbed(nn.Module):

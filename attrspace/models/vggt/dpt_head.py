@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import VGGTConfig
+from attrspace.models.vggt.config import VGGTConfig
 
 
 def uv_embedding(channels: int, rows: int, cols: int, aspect: float, like: Tensor) -> Tensor:

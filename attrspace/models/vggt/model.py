@@ -11,10 +11,10 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
-from .aggregator import Aggregator
-from .camera_head import CameraHead
-from .config import VGGTConfig
-from .dpt_head import DPTHead
+from attrspace.models.vggt.aggregator import Aggregator
+from attrspace.models.vggt.camera_head import CameraHead
+from attrspace.models.vggt.config import VGGTConfig
+from attrspace.models.vggt.dpt_head import DPTHead
 
 
 class VGGT(nn.Module):

@@ -177,8 +177,8 @@ def paper_parameter_table(model: nn.Module | None = None) -> dict[str, int]:
     which has no track head), "paper-full", "paper-lora r=16/64/256", "paper-subspace K=16 r=16".
     """
     if model is None:
-        from .config import VGGTConfig
-        from .model import VGGT
+        from attrspace.models.vggt.config import VGGTConfig
+        from attrspace.models.vggt.model import VGGT
 
         with torch.device("meta"):
             model = VGGT(VGGTConfig.vggt_1b())

@@ -1,0 +1,38 @@
+"""Every op a backend may implement, declared once (name and contract). A backend is one module of
+this package that defines some of these functions under these names; `attrspace.backends.registry`
+finds them there. See docs/design.md, "Backends".
+
+Adapter ops (every backend defines both, and `unsupported_reasons` for its limits):
+    forward(x, weight, bias, V, P) -> (y, z)        x (T, d_in); P = s U M, fp32; see reference.forward
+    backward(dy, weight, U, Q, need_dx) -> (dx, g)  Q = s V M^T, fp32; g fp32; see reference.backward
+
+Randomized-SVD steps (optional; a backend that does not define one runs the torch backend's), on a
+batch of matrices of one shape:
+    rsvd_matmul(a, x, transpose)        a (b, r, c) @ x (b, c, l), or a^T @ x with x (b, r, l)
+    rsvd_orthonormalize(y, passes)      y (b, r, l), r >= l -> orthonormal basis of range(y)
+    rsvd_small_svd(core)                core (b, l, l) -> U (b, l, l), S (b, l) descending, V (b, l, l)
+and `rsvd_unavailable_reason(device) -> str | None` where its steps need more than its adapter ops.
+
+Every implementation must match attrspace.adapters.reference (adapter ops) or the torch backend (SVD
+steps) on fresh random inputs at the dtype's tolerance, and must not mutate its inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor
+
+ADAPTER_OPS = ("forward", "backward")
+RSVD_OPS = ("rsvd_matmul", "rsvd_orthonormalize", "rsvd_small_svd")
+
+
+@dataclass(frozen=True)
+class RsvdSteps:
+    """The randomized-SVD steps of one backend, the torch backend's where it defines none."""
+
+    name: str
+    matmul: Callable[[Tensor, Tensor, bool], Tensor]
+    orthonormalize: Callable[[Tensor, int], Tensor]
+    small_svd: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]

@@ -1,0 +1,394 @@
+"""The CUDA backend (csrc/subspace_linear*.cu*, attrspace.backends.cuda_backend) against attrspace.adapters.reference.
+
+On a machine without a GPU the kernels still run: tests/backends/cuda_emulation compiles the same kernel
+headers with the host compiler, replacing the few PTX instructions (ldmatrix, mma.sync, cp.async) by
+emulations written from the PTX fragment layouts, and runs each block as 256 threads. That checks the
+index math, ragged-tail masks, fragment layouts and the tile schedule of every dtype; the GPU tests at
+the end check the real instructions and skip without a CUDA device. Outputs are poisoned (NaN) before
+each run, so an element a kernel does not write fails the comparison.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from attrspace import backends
+from attrspace.adapters import reference
+from attrspace.backends import cuda_backend as _cuda_backend
+from attrspace.backends import cupy_jit as _cupy_jit
+from attrspace.backends import native as _native
+from attrspace.testing import assert_close, layer_inputs
+
+CUDA = torch.cuda.is_available()
+NEEDS_GPU = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+EMULATION = Path(__file__).parent / "cuda_emulation"
+DTYPES = [
+    pytest.param(torch.float32, id="fp32"),
+    pytest.param(torch.float16, id="fp16"),
+    pytest.param(torch.bfloat16, id="bf16"),
+]
+
+
+def _layer(T: int, d_in: int, d_out: int, K: int, dtype: torch.dtype, device: str, seed: int = 0):
+    """x, weight, bias, U, V in dtype and P = s U M, Q = s V M^T in fp32 (scale s = 0.5)."""
+    t = layer_inputs(T, d_in, d_out, K, dtype=dtype, device=device, seed=seed)
+    U, V = t["U"].contiguous(), t["V"].contiguous()  # QR factors come column-major
+    P = 0.5 * (U.float() @ t["M"])
+    Q = 0.5 * (V.float() @ t["M"].t())
+    return t["x"], t["weight"], t["bias"], U, V, P, Q
+
+
+def _nan(*shape: int, dtype: torch.dtype, device) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def _check_forward(x, weight, bias, V, P, run) -> None:
+    """Run forward_into through `run` on poisoned outputs and compare with the float64 reference."""
+    T, d_out, K = x.shape[0], weight.shape[0], V.shape[1]
+    y, z = (
+        _nan(T, d_out, dtype=x.dtype, device=x.device),
+        _nan(T, K, dtype=x.dtype, device=x.device),
+    )
+    run(x, weight, bias, V, P, y, z)
+    f64 = [t.double() if t is not None else None for t in (x, weight, bias, V, P)]
+    y64, z64 = reference.forward(*f64)
+    y_torch, z_torch = reference.forward(x, weight, bias, V, P)
+    assert_close(y, y64, x.dtype, "y", baseline=y_torch)
+    assert_close(z, z64, x.dtype, "z", baseline=z_torch)
+
+
+def _check_backward(dy, weight, U, Q, need_dx: bool, run) -> None:
+    T, d_in, K = dy.shape[0], weight.shape[1], U.shape[1]
+    dx = _nan(T, d_in, dtype=dy.dtype, device=dy.device) if need_dx else None
+    g = _nan(T, K, dtype=torch.float32, device=dy.device)
+    run(dy, weight, U, Q, dx, g)
+    dx64, g64 = reference.backward(dy.double(), weight.double(), U.double(), Q.double(), True)
+    dx_torch, g_torch = reference.backward(dy, weight, U, Q, True)
+    assert_close(g, g64, torch.float32, "g", baseline=g_torch)
+    if need_dx:
+        assert_close(dx, dx64, dy.dtype, "dx", baseline=dx_torch)
+
+
+# ---- Availability, reasons and build facts (any machine) -----------------------------------------
+
+
+def test_reports_why_it_is_unavailable():
+    reason = _cuda_backend.unavailable_reason()
+    built_with_cuda = _native.cuda_unavailable_reason() is None
+    if not built_with_cuda and _cupy_jit.unavailable_reason() is not None:
+        assert reason is not None and "built without CUDA" in reason and "cupy" in reason
+        assert backends.status()["cuda"] == reason
+    elif not CUDA:
+        assert reason == "no CUDA device is visible to torch"
+    else:
+        assert reason is None
+
+
+def test_reason_names_each_missing_part(monkeypatch):
+    monkeypatch.setattr(
+        _native, "cuda_unavailable_reason", lambda: "attrspace._C was built without CUDA"
+    )
+    monkeypatch.setattr(_cupy_jit, "unavailable_reason", lambda: "cupy is not installed")
+    _cuda_backend.launcher_name.cache_clear()
+    try:
+        reason = _cuda_backend.unavailable_reason()
+        assert "built without CUDA" in reason and "cupy is not installed" in reason
+        monkeypatch.setattr(_cupy_jit, "unavailable_reason", lambda: None)
+        _cuda_backend.launcher_name.cache_clear()
+        assert _cuda_backend.launcher_name() == "cupy"
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        assert _cuda_backend.unavailable_reason() == "no CUDA device is visible to torch"
+    finally:
+        _cuda_backend.launcher_name.cache_clear()
+
+
+def test_build_info_says_whether_nvcc_was_used():
+    info = _native.native().build_info()
+    if info["cuda_request"] == "OFF":
+        assert not info["built_with_cuda"] and info["cuda_compiler"] == ""
+        assert "ATTRSPACE_CUDA=OFF" in _native.cuda_unavailable_reason()
+    else:  # AUTO or ON: the CUDA part is built exactly when the configure step found a compiler
+        assert info["built_with_cuda"] == (info["cuda_compiler"] != "")
+    if info["built_with_cuda"]:
+        assert info["cuda_archs"]
+
+
+def test_native_entry_points_check_their_arguments():
+    C = _native.native()
+    with pytest.raises(ValueError, match="K <= 128"):
+        C.subspace_forward(0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 8, 8, 129, 0, 0)
+    with pytest.raises(ValueError, match="dtype code"):
+        C.subspace_backward(0, 0, 0, 0, 0, 0, 0, 4, 8, 8, 4, 7, 0)
+    if C.build_info()["built_with_cuda"]:
+        assert C.subspace_forward(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 8, 8, 4, 0, 0) is None  # T = 0
+        with pytest.raises(ValueError, match="must not be null"):
+            C.subspace_forward(0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 8, 8, 4, 0, 0)
+    else:
+        with pytest.raises(RuntimeError, match="built without CUDA"):
+            C.subspace_forward(0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 8, 8, 4, 0, 0)
+    for tokens in (0, 1, 63, 64, 65, 10952):
+        assert C.schedule_ints(tokens) == _cuda_backend.schedule_ints(tokens)
+
+
+def test_unsupported_inputs_are_named():
+    x = torch.zeros(4, 8, dtype=torch.float64)
+    weight = torch.zeros(8, 6, dtype=torch.float32).t()  # (6, 8), not contiguous
+    reasons = "; ".join(_cuda_backend.unsupported_reasons(x, weight, 129))
+    for fragment in ("on cpu", "dtype torch.float64", "differs", "K=129", "not contiguous"):
+        assert fragment in reasons
+    with pytest.raises(ValueError, match="backend 'cuda' cannot run"):
+        backends.select("cuda", x.float(), weight.contiguous(), 4)
+
+
+def test_fake_ops_give_shapes_and_dtypes():
+    meta = {"device": "meta", "dtype": torch.bfloat16}
+    x, weight, V = (
+        torch.empty(37, 100, **meta),
+        torch.empty(72, 100, **meta),
+        torch.empty(100, 24, **meta),
+    )
+    P = torch.empty(72, 24, device="meta")
+    y, z = torch.ops.attrspace.cuda_subspace_forward(x, weight, None, V, P)
+    assert (y.shape, y.dtype, z.shape, z.dtype) == (
+        (37, 72),
+        torch.bfloat16,
+        (37, 24),
+        torch.bfloat16,
+    )
+    dy, U, Q = (
+        torch.empty(37, 72, **meta),
+        torch.empty(72, 24, **meta),
+        torch.empty(100, 24, device="meta"),
+    )
+    dx, g = torch.ops.attrspace.cuda_subspace_backward(dy, weight, U, Q, True)
+    assert (dx.shape, dx.dtype, g.shape, g.dtype) == (
+        (37, 100),
+        torch.bfloat16,
+        (37, 24),
+        torch.float32,
+    )
+    dx, _ = torch.ops.attrspace.cuda_subspace_backward(dy, weight, U, Q, False)
+    assert dx.shape == (0, 100)
+
+
+def test_jit_sources_are_device_only_and_complete():
+    source = _cupy_jit.kernel_source()
+    includes = {line.split()[1] for line in source.splitlines() if line.startswith("#include")}
+    assert includes == {"<cuda_bf16.h>", "<cuda_fp16.h>"}  # NVRTC has no host headers
+    for kind in ("forward", "backward"):
+        for suffix in ("f32", "f16", "bf16"):
+            assert f"attrspace_{kind}_{suffix}(ATTRSPACE_KERNEL_PARAMS)" in source
+    c = _cupy_jit.tile_constants()
+    assert c["kThreads"] == 256 and c["kTcBlockM"] >= 64 and c["kSimtBlockM"] >= 64
+    # 37 tokens, d_out 200, K 24: one row block of each family; 2 fp16 / 4 fp32 output tiles.
+    assert _cupy_jit.grid_size(torch.float16, 37, 200, 24, True) == 1 + 2
+    assert _cupy_jit.grid_size(torch.float32, 37, 200, 24, True) == 1 + 4
+    assert _cupy_jit.grid_size(torch.float32, 130, 200, 72, False) == 3 * 2
+
+
+def test_forward_into_rejects_bad_buffers():
+    x, weight, bias, U, V, P, Q = _layer(5, 16, 8, 4, torch.float32, "cpu")
+    y, z = torch.empty(5, 8), torch.empty(5, 4)
+    with pytest.raises(TypeError, match=r"P must be torch\.float32"):
+        _cuda_backend.forward_into(x, weight, bias, V, P.half(), y, z)
+    with pytest.raises(ValueError, match=r"y must have shape \(5, 8\)"):
+        _cuda_backend.forward_into(x, weight, bias, V, P, torch.empty(5, 9), z)
+    with pytest.raises(ValueError, match="V must be contiguous"):
+        _cuda_backend.forward_into(x, weight, bias, torch.empty(4, 16).t(), P, y, z)
+    with pytest.raises(ValueError, match=r"g must have shape \(5, 4\)"):
+        _cuda_backend.backward_into(torch.empty(5, 8), weight, U, Q, None, torch.empty(5, 3))
+
+
+# ---- The kernels, emulated on the CPU -------------------------------------------------------------
+
+
+def _emulator_source() -> str:
+    parts = [(EMULATION / "emulated_cuda.h").read_text()]
+    kernel_dir = _cupy_jit.source_dir()
+    for name in _cupy_jit.HEADERS:
+        if name != "subspace_linear_ptx.cuh":  # replaced by emulated_cuda.h
+            parts.append(_cupy_jit._LOCAL_INCLUDE.sub("", (kernel_dir / name).read_text()))
+    parts.append((EMULATION / "runner.h").read_text())
+    return "\n".join(parts)
+
+
+@pytest.fixture(scope="session")
+def emulator(request, tmp_path_factory):
+    """The kernels compiled for the CPU (cached by source hash), loaded with ctypes."""
+    compiler = shutil.which("g++")
+    includes = _cupy_jit.cuda_include_dirs()
+    if compiler is None or not includes:
+        pytest.skip("the CPU emulation needs g++ and the CUDA headers (cuda_bf16.h)")
+    source = _emulator_source()
+    cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
+    folder = Path(
+        cache.mkdir("cuda_emulation") if cache else tmp_path_factory.mktemp("cuda_emulation")
+    )
+    library = folder / f"kernels_{hashlib.sha256(source.encode()).hexdigest()[:16]}.so"
+    if not library.exists():
+        (folder / "kernels.cpp").write_text(source)
+        command = [
+            compiler,
+            "-std=c++20",
+            "-O1",
+            "-w",
+            "-shared",
+            "-fPIC",
+            "-pthread",
+            f"-I{includes[0]}",
+        ]
+        subprocess.run([*command, str(folder / "kernels.cpp"), "-o", str(library)], check=True)
+    lib = ctypes.CDLL(str(library))
+    lib.emu_launch.argtypes = [
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.POINTER(ctypes.c_ulonglong),
+        ctypes.POINTER(ctypes.c_longlong),
+    ]
+    return lib
+
+
+@pytest.fixture
+def emulated(emulator, monkeypatch):
+    """_cuda_backend with its launcher replaced by the emulation; yields the launches made."""
+    launches = []
+
+    def launch(kind, dtype, pointers, sizes, schedule):
+        schedule.zero_()
+        with_output = pointers[5] != 0
+        blocks = _cupy_jit.grid_size(dtype, *sizes[:2], sizes[3], with_output)
+        name = f"attrspace_{kind}_{_cuda_backend._KERNEL_SUFFIX[dtype]}"
+        status = emulator.emu_launch(
+            name.encode(),
+            blocks,
+            (ctypes.c_ulonglong * 9)(*pointers),
+            (ctypes.c_longlong * 4)(*sizes),
+        )
+        assert status == 0
+        launches.append((kind, blocks, schedule.clone()))
+
+    monkeypatch.setattr(_cuda_backend, "_launch", launch)
+    return launches
+
+
+EMULATED_CASES = [  # (T, d_in, d_out, K, dtype, with bias, need dx)
+    pytest.param(37, 100, 72, 24, torch.float32, True, True, id="ragged-fp32"),
+    pytest.param(37, 100, 72, 24, torch.float16, True, True, id="ragged-fp16"),
+    pytest.param(37, 100, 72, 24, torch.bfloat16, True, True, id="ragged-bf16"),
+    # 2 row blocks, 2 output tiles, rows of V and U (K = 5) too short for 16-byte copies
+    pytest.param(130, 72, 136, 5, torch.bfloat16, False, True, id="blocks-bf16"),
+    # 2 row blocks, 3 output tiles and 2 projection tiles (K = 72 > 64) in the fp32 tiles
+    pytest.param(70, 80, 136, 72, torch.float32, True, True, id="blocks-fp32"),
+    pytest.param(1, 64, 64, 8, torch.bfloat16, False, False, id="one-token-no-dx"),
+]
+
+
+@pytest.mark.parametrize(
+    ("T", "d_in", "d_out", "K", "dtype", "with_bias", "need_dx"), EMULATED_CASES
+)
+def test_emulated_kernels_match_reference(emulated, T, d_in, d_out, K, dtype, with_bias, need_dx):
+    x, weight, bias, U, V, P, Q = _layer(T, d_in, d_out, K, dtype, "cpu")
+    _check_forward(x, weight, bias if with_bias else None, V, P, _cuda_backend.forward_into)
+    dy = torch.randn(T, d_out, generator=torch.Generator().manual_seed(1)).to(dtype)
+    _check_backward(dy, weight, U, Q, need_dx, _cuda_backend.backward_into)
+    # Every block took one ticket, and each row block's flag counts its projection tiles.
+    block_m, block_n = (64, 64) if dtype == torch.float32 else (128, 128)
+    rows, n_proj = -(-T // block_m), -(-K // block_n)
+    for _, blocks, schedule in emulated:
+        assert schedule[0] == blocks
+        assert schedule[1 : 1 + rows].tolist() == [n_proj] * rows
+
+
+def test_emulated_custom_ops_pass_opcheck(emulated):
+    x, weight, bias, U, V, P, Q = _layer(9, 24, 16, 8, torch.float16, "cpu")
+    torch.library.opcheck(torch.ops.attrspace.cuda_subspace_forward, (x, weight, bias, V, P))
+    dy = torch.randn(9, 16).half()
+    for need_dx in (True, False):
+        torch.library.opcheck(
+            torch.ops.attrspace.cuda_subspace_backward, (dy, weight, U, Q, need_dx)
+        )
+
+
+def test_zero_tokens_launch_nothing(emulated):
+    x, weight, bias, U, V, P, Q = _layer(0, 16, 8, 4, torch.bfloat16, "cpu")
+    y, z = _cuda_backend.forward(x, weight, bias, V, P)
+    dx, g = _cuda_backend.backward(torch.empty(0, 8, dtype=torch.bfloat16), weight, U, Q, True)
+    assert y.shape == (0, 8) and z.shape == (0, 4) and dx.shape == (0, 16) and g.shape == (0, 4)
+    assert emulated == []
+
+
+# ---- The kernels on a GPU --------------------------------------------------------------------------
+
+GPU_SHAPES = [  # (T, d_in, d_out, K)
+    pytest.param(37, 100, 72, 24, id="ragged"),
+    pytest.param(1, 64, 64, 8, id="one-token"),
+    pytest.param(300, 256, 264, 128, id="max-rank"),
+    pytest.param(130, 136, 200, 5, id="short-rows"),
+    pytest.param(2048, 1024, 3072, 64, id="qkv-like"),
+]
+
+
+@NEEDS_GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("T", "d_in", "d_out", "K"), GPU_SHAPES)
+def test_gpu_kernels_match_reference(T, d_in, d_out, K, dtype):
+    if _cuda_backend.unavailable_reason() is not None:
+        pytest.skip(_cuda_backend.unavailable_reason())
+    x, weight, bias, U, V, P, Q = _layer(T, d_in, d_out, K, dtype, "cuda")
+    for b in (bias, None):
+        _check_forward(x, weight, b, V, P, _cuda_backend.forward_into)
+    dy = torch.randn(T, d_out, device="cuda").to(dtype)
+    for need_dx in (True, False):
+        _check_backward(dy, weight, U, Q, need_dx, _cuda_backend.backward_into)
+
+
+@NEEDS_GPU
+@pytest.mark.gpu
+def test_gpu_side_stream_and_opcheck():
+    if _cuda_backend.unavailable_reason() is not None:
+        pytest.skip(_cuda_backend.unavailable_reason())
+    x, weight, bias, U, V, P, Q = _layer(37, 100, 72, 24, torch.bfloat16, "cuda")
+    expected_y, _ = _cuda_backend.forward(x, weight, bias, V, P)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        y, _ = _cuda_backend.forward(x, weight, bias, V, P)
+    torch.cuda.current_stream().wait_stream(stream)
+    assert torch.equal(y, expected_y)  # same kernel, same order of sums: identical bits
+    torch.library.opcheck(torch.ops.attrspace.cuda_subspace_forward, (x, weight, bias, V, P))
+    dy = torch.randn(37, 72, device="cuda").bfloat16()
+    for need_dx in (True, False):
+        torch.library.opcheck(
+            torch.ops.attrspace.cuda_subspace_backward, (dy, weight, U, Q, need_dx)
+        )
+
+
+@NEEDS_GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_layer_gradients_match_torch_backend(dtype):
+    if _cuda_backend.unavailable_reason() is not None:
+        pytest.skip(_cuda_backend.unavailable_reason())
+    from attrspace.adapters.functional import subspace_linear
+
+    t = layer_inputs(2, 96, 80, 16, dtype=dtype, device="cuda", seed=3)
+    results = {}
+    for backend in ("cuda", "torch"):
+        x = t["x"].reshape(2, 1, 96).clone().requires_grad_(True)
+        M = t["M"].clone().requires_grad_(True)
+        y, name = subspace_linear(
+            x, t["weight"], t["bias"], t["U"], t["V"], M, 0.5, backend=backend
+        )
+        assert name == backend
+        y.float().square().sum().backward()
+        results[backend] = (y.detach(), x.grad, M.grad)
+    for got, want, what in zip(results["cuda"], results["torch"], ("y", "dx", "dM"), strict=True):
+        assert_close(got, want.double(), dtype if what != "dM" else torch.float32, what)
