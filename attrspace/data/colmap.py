@@ -177,8 +177,8 @@ def import_colmap(
     sizes = {(v["height"], v["width"]) for v in views}
     if len(sizes) > 1:
         raise SceneFormatError(
-            f"{model_dir}: images have {len(sizes)} sizes {sorted(sizes)}; the folder format "
-            "stores one size per scene (undistort to one size, or split the model)"
+            f"{model_dir}: cameras have {len(sizes)} image sizes {sorted(sizes)}; the importer "
+            "writes one size per scene (undistort to one size, or split the model)"
         )
     images = []
     for v in views:
