@@ -5,6 +5,7 @@ Pipeline commands (each runs the stages before it, taking finished ones from the
     pretrain    render + pre-train the base model (tiny/small presets)
     train-lora  ... + one LoRA per attribute dataset
     mine        ... + the attribute subspace bank and the control banks
+                (mine --loras DIR: a bank from your own peft LoRAs alone, any model)
     finetune    ... + every method on every downstream task, then report.md
     run         everything, then report.md (the main job)
     report      rewrite report.md from a run folder
@@ -117,7 +118,7 @@ def _check_device(device: str, flag: str = "--device") -> None:
 def _preset_from_args(args: argparse.Namespace):
     from attrspace.pipeline import get_preset
 
-    preset = get_preset(args.preset)
+    preset = get_preset(args.preset or "tiny")
     changes = {}
     for field in ("seed", "threads", "device"):
         value = getattr(args, field, None)
@@ -151,6 +152,10 @@ def _check_pipeline(args: argparse.Namespace) -> None:
     _check_device(args.preset_obj.device, "--device" if args.device else "the preset's device")
     if args.preset_obj.needs_checkpoint and args.checkpoint is None:
         raise UsageError(f"preset {args.preset} needs --checkpoint (a local VGGT weights file)")
+    if loras is not None:
+        from attrspace.cli.mine import check_pipeline_loras
+
+        check_pipeline_loras(loras, args.preset_obj.attributes)
 
 
 def _pipeline(until: str):
@@ -231,9 +236,7 @@ def _add_pipeline_parser(sub, name: str, help_text: str, until: str) -> argparse
     from attrspace.pipeline import METHODS, PRESETS
 
     p = sub.add_parser(name, help=help_text, description=help_text)
-    p.add_argument(
-        "--preset", default="tiny", choices=tuple(PRESETS), help="sizes and settings (default tiny)"
-    )
+    p.add_argument("--preset", choices=tuple(PRESETS), help="sizes and settings (default tiny)")
     p.add_argument(
         "--out", type=folder_path, required=True, help="run folder (stages are cached here)"
     )
@@ -246,7 +249,12 @@ def _add_pipeline_parser(sub, name: str, help_text: str, until: str) -> argparse
         p.add_argument(
             "--loras",
             type=Path,
-            help="use LoRAs trained elsewhere: DIR/<attribute>/<dataset>/ (peft)",
+            help=(
+                "peft LoRAs of any model, any attribute names: DIR/<attribute>/<lora>/; mine alone "
+                "(no base model, nothing rendered), the bank, figures and report.md into --out"
+                if until == "mine"
+                else "use LoRAs trained elsewhere: DIR/<attribute>/<dataset>/ (peft)"
+            ),
         )
         p.add_argument("--rank", type=_rank, help="mining rank rule: an int, 'cliff' or 'energy'")
         p.add_argument(
@@ -260,8 +268,17 @@ def _add_pipeline_parser(sub, name: str, help_text: str, until: str) -> argparse
     if until == "finetune":
         p.add_argument("--tasks", nargs="+", choices=DOWNSTREAM_TASKS, help="downstream tasks")
         p.add_argument("--methods", nargs="+", choices=METHODS, help="fine-tuning methods")
-    p.set_defaults(func=_pipeline(until), check=_check_pipeline)
+    p.set_defaults(func=_pipeline(until), check=_check_mine if until == "mine" else _check_pipeline)
     return p
+
+
+def _check_mine(args: argparse.Namespace) -> None:
+    """`mine --loras` is the standalone command (attrspace.cli.mine); `mine` alone the stage."""
+    if args.loras is None:
+        return _check_pipeline(args)
+    from attrspace.cli.mine import check_mine_loras
+
+    check_mine_loras(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
