@@ -187,6 +187,7 @@ def _pipeline(until: str):
             progress=not args.quiet,
             until=until,
             command=args.command,
+            argv=getattr(args, "argv", None),
         )
         return 0
 
@@ -438,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help (0) or a rejected argument (2, already printed)
         return exc.code if isinstance(exc.code, int) else 2
     prog = f"attrspace {args.command}"
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in a run's runs.json
     check = getattr(args, "check", None)
     if check is not None:
         try:
