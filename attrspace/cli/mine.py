@@ -5,14 +5,24 @@ any attribute names, no base model, nothing rendered or pre-trained, no stage ca
 the bank, summary.json, the figures and report.md. Without --loras, `mine` is the pipeline stage
 (render, pre-train, train the LoRAs, mine, control banks). `finetune --loras` and `run --loras` keep
 feeding the pipeline (they need its base model).
+
+attrspace.cli.main imports this module only when `mine --loras` or `--loras` is given.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import time
 from dataclasses import replace
 
+import torch
+
 from attrspace.cli.args import UsageError, check_output_folder
+from attrspace.mining.peft_input import load_lora_set, lora_folders
+from attrspace.mining.subspaces import MiningConfig, mine
+from attrspace.pipeline import get_preset
+from attrspace.pipeline.mine_loras import prepare_out, write_outputs
 
 # Options of the pipeline's `mine` that mean nothing without a base model.
 _PIPELINE_ONLY = (
@@ -24,9 +34,6 @@ _PIPELINE_ONLY = (
 
 def mining_config(args: argparse.Namespace):
     """MiningConfig() (or the --preset's mining settings) with --rank, --rank-cap and --seed."""
-    from attrspace.mining.subspaces import MiningConfig
-    from attrspace.pipeline import get_preset
-
     config = MiningConfig() if args.preset is None else get_preset(args.preset).mining
     changes = {}
     for field in ("rank", "rank_cap", "seed"):
@@ -37,10 +44,6 @@ def mining_config(args: argparse.Namespace):
 
 def check_mine_loras(args: argparse.Namespace) -> None:
     """Every argument and the whole LoRA folder, before any mining (one-line errors)."""
-    import importlib.util
-
-    from attrspace.mining.peft_input import load_lora_set, lora_folders
-
     for field, flag in _PIPELINE_ONLY:
         if getattr(args, field, None) is not None:
             raise UsageError(f"{flag} has no effect with --loras (mining needs no base model)")
@@ -55,13 +58,6 @@ def check_mine_loras(args: argparse.Namespace) -> None:
 
 
 def mine_loras(args: argparse.Namespace) -> int:
-    import time
-
-    import torch
-
-    from attrspace.mining.subspaces import mine
-    from attrspace.pipeline.mine_loras import prepare_out, write_outputs
-
     if args.threads:
         torch.set_num_threads(args.threads)
     data, config = args.lora_set, args.mining_config
@@ -89,8 +85,6 @@ def mine_loras(args: argparse.Namespace) -> int:
 def check_pipeline_loras(loras, attributes: tuple[str, ...]) -> None:
     """`run --loras` / `finetune --loras`: the folder read and checked whole, and its attribute
     folders exactly the preset's, before the pipeline renders or pre-trains anything."""
-    from attrspace.mining.peft_input import load_lora_set, lora_folders
-
     folders = lora_folders(loras)
     extra = sorted(set(folders) - set(attributes))
     missing = sorted(set(attributes) - set(folders))
