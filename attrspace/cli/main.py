@@ -5,6 +5,7 @@ Pipeline commands (each runs the stages before it, taking finished ones from the
     pretrain    render + pre-train the base model (tiny/small presets)
     train-lora  ... + one LoRA per attribute dataset
     mine        ... + the attribute subspace bank and the control banks
+                (mine --loras DIR: a bank from your own peft LoRAs alone, any model)
     finetune    ... + every method on every downstream task, then report.md
     run         everything, then report.md (the main job)
     report      rewrite report.md from a run folder
@@ -44,32 +45,48 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _progress_bar(total: int, desc: str, quiet: bool):
+    """A tqdm bar on stderr (none with --quiet); returns (tick, close)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, disable=quiet, leave=False, file=sys.stderr)
+    return (lambda: bar.update(1)), bar.close
+
+
 def _demo(args: argparse.Namespace) -> int:
     import torch
 
-    from attrspace.cli.demo import format_rows, run_demo
+    from attrspace.cli.demo import format_rows, run_demo, time_ratio_note
 
     torch.set_num_threads(args.threads) if args.threads else None
     print(
         f"attrspace demo: TinyViT dim={args.dim} depth={args.depth}, {args.tokens} tokens, "
         f"{args.steps} steps"
     )
-    rows = run_demo(
-        dim=args.dim,
-        depth=args.depth,
-        tokens=args.tokens,
-        rank=args.rank,
-        lora_rank=args.rank,
-        steps=args.steps,
-        seed=args.seed,
-    )
+    tick, close = _progress_bar(2 * (args.steps + 1), "demo steps", args.quiet)
+    try:
+        rows = run_demo(
+            dim=args.dim,
+            depth=args.depth,
+            tokens=args.tokens,
+            rank=args.rank,
+            lora_rank=args.rank,
+            steps=args.steps,
+            seed=args.seed,
+            progress=tick,
+        )
+    finally:
+        close()
     print(format_rows(rows))
     sub, lora = rows
     print(
         f"subspace / LoRA: trainable {sub.trainable / lora.trainable:.3f}x, step time "
-        f"{sub.step_ms / lora.step_ms:.2f}x, saved activations "
+        f"{sub.step_ms / lora.step_ms:.2f}x (median of {args.steps} steps), saved activations "
         f"{sub.saved_mib / lora.saved_mib:.2f}x"
     )
+    note = time_ratio_note(sub, lora)
+    if note:
+        print(note)
     return 0
 
 
@@ -159,7 +176,7 @@ def _check_device(device: str, flag: str = "--device") -> None:
 def _preset_from_args(args: argparse.Namespace):
     from attrspace.pipeline import get_preset
 
-    preset = get_preset(args.preset)
+    preset = get_preset(args.preset or "tiny")
     changes = {}
     for field in ("seed", "threads", "device"):
         value = getattr(args, field, None)
@@ -193,6 +210,10 @@ def _check_pipeline(args: argparse.Namespace) -> None:
     _check_device(args.preset_obj.device, "--device" if args.device else "the preset's device")
     if args.preset_obj.needs_checkpoint and args.checkpoint is None:
         raise UsageError(f"preset {args.preset} needs --checkpoint (a local VGGT weights file)")
+    if loras is not None:
+        from attrspace.cli.mine import check_pipeline_loras
+
+        check_pipeline_loras(loras, args.preset_obj.attributes)
 
 
 def _pipeline(until: str):
@@ -208,6 +229,7 @@ def _pipeline(until: str):
             progress=not args.quiet,
             until=until,
             command=args.command,
+            argv=getattr(args, "argv", None),
         )
         return 0
 
@@ -249,23 +271,85 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = bench_layer(
-        args.d_in,
-        args.d_out,
-        args.tokens,
-        args.rank,
-        args.lora_rank,
-        steps=args.steps,
-        backend=args.backend,
-        device=args.device,
-    )
+    tick, close = _progress_bar(3 * args.repeats, "bench rounds", args.quiet)
+    try:
+        rows = bench_layer(
+            args.d_in,
+            args.d_out,
+            args.tokens,
+            args.rank,
+            args.lora_rank,
+            steps=args.steps,
+            backend=args.backend,
+            device=args.device,
+            repeats=args.repeats,
+            progress=tick,
+        )
+    finally:
+        close()
     print(
         f"one layer {args.d_in}->{args.d_out}, {args.tokens} tokens, K={args.rank}, LoRA r="
-        f"{args.lora_rank}, fp32 on {args.device}, {torch.get_num_threads()} threads, median of "
-        f"{args.steps} steps (forward + backward):"
+        f"{args.lora_rank}, fp32 on {args.device}, {torch.get_num_threads()} threads; forward + "
+        f"backward, median of {args.steps} steps per repeat, median and range over "
+        f"{args.repeats} interleaved repeats:"
     )
     print(format_rows(rows))
     return 0
+
+
+def _add_bench_parser(sub) -> None:
+    bench = sub.add_parser(
+        "bench",
+        help="time one layer: frozen nn.Linear vs SubspaceLinear vs LoRA",
+        description="Time one training step (forward + backward) of one layer shape: the frozen "
+        "nn.Linear, SubspaceLinear (random orthonormal bank) and LoRALinear, each measured "
+        "--repeats times interleaved; reports the median, the range over the repeats, and says "
+        "when that range does not resolve a ratio. Benchmarks of record: bench/ in a checkout.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    positive = int_at_least(1)
+    bench.add_argument("--d-in", type=positive, default=1024, help="input features of the layer")
+    bench.add_argument("--d-out", type=positive, default=3072, help="output features")
+    bench.add_argument("--tokens", type=positive, default=4096, help="rows of x per step")
+    bench.add_argument("--rank", type=positive, default=64, help="K of the bank (SubspaceLinear)")
+    bench.add_argument("--lora-rank", type=positive, default=16, help="r of the LoRA (alpha 2r)")
+    bench.add_argument("--steps", type=positive, default=5, help="timed steps per repeat")
+    bench.add_argument(
+        "--repeats", type=positive, default=5, help="rounds over the three layers (interleaved)"
+    )
+    bench.add_argument(
+        "--backend", default="auto", help="SubspaceLinear backend: auto, torch, triton or cuda"
+    )
+    bench.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    bench.add_argument(
+        "--threads", type=int_at_least(0), default=0, help="torch threads (0: torch's default)"
+    )
+    bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    bench.set_defaults(func=_bench, check=_check_bench)
+
+
+def _add_demo_parser(sub) -> None:
+    demo = sub.add_parser(
+        "demo",
+        help="inject a bank into a small ViT, train M, compare with LoRA",
+        description="Inject a random orthonormal bank into a small ViT, train M for a few steps "
+        "on a synthetic task and compare with LoRA of the same rank: trainable parameters, step "
+        "time (median, with a note when the steps' spread does not resolve the ratio), "
+        "saved-activation memory, loss.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    positive = int_at_least(1)
+    demo.add_argument("--dim", type=positive, default=256, help="width (a multiple of dim // 64)")
+    demo.add_argument("--depth", type=positive, default=4, help="transformer blocks")
+    demo.add_argument("--tokens", type=int_at_least(2), default=1024, help="tokens, an even count")
+    demo.add_argument("--rank", type=positive, default=16, help="K of the bank and r of the LoRA")
+    demo.add_argument("--steps", type=positive, default=8, help="training steps per method")
+    demo.add_argument("--seed", type=seed_type, default=0, help="seed of model, data and bank")
+    demo.add_argument(
+        "--threads", type=int_at_least(0), default=0, help="torch threads (0: torch's default)"
+    )
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.set_defaults(func=_demo, check=_check_demo)
 
 
 def _add_pipeline_parser(sub, name: str, help_text: str, until: str) -> argparse.ArgumentParser:
@@ -273,9 +357,7 @@ def _add_pipeline_parser(sub, name: str, help_text: str, until: str) -> argparse
     from attrspace.pipeline import METHODS, PRESETS
 
     p = sub.add_parser(name, help=help_text, description=help_text)
-    p.add_argument(
-        "--preset", default="tiny", choices=tuple(PRESETS), help="sizes and settings (default tiny)"
-    )
+    p.add_argument("--preset", choices=tuple(PRESETS), help="sizes and settings (default tiny)")
     p.add_argument(
         "--out", type=folder_path, required=True, help="run folder (stages are cached here)"
     )
@@ -288,7 +370,12 @@ def _add_pipeline_parser(sub, name: str, help_text: str, until: str) -> argparse
         p.add_argument(
             "--loras",
             type=Path,
-            help="use LoRAs trained elsewhere: DIR/<attribute>/<dataset>/ (peft)",
+            help=(
+                "peft LoRAs of any model, any attribute names: DIR/<attribute>/<lora>/; mine alone "
+                "(no base model, nothing rendered), the bank, figures and report.md into --out"
+                if until == "mine"
+                else "use LoRAs trained elsewhere: DIR/<attribute>/<dataset>/ (peft)"
+            ),
         )
         p.add_argument("--rank", type=_rank, help="mining rank rule: an int, 'cliff' or 'energy'")
         p.add_argument(
@@ -302,7 +389,7 @@ def _add_pipeline_parser(sub, name: str, help_text: str, until: str) -> argparse
     if until == "finetune":
         p.add_argument("--tasks", nargs="+", choices=DOWNSTREAM_TASKS, help="downstream tasks")
         p.add_argument("--methods", nargs="+", choices=METHODS, help="fine-tuning methods")
-    p.set_defaults(func=_pipeline(until), check=_check_pipeline)
+    p.set_defaults(func=_pipeline(until), check=_check_mine if until == "mine" else _check_pipeline)
     return p
 
 
@@ -359,6 +446,15 @@ def _add_profile_parser(sub) -> None:
     prof.set_defaults(func=_profile, check=_check_profile)
 
 
+def _check_mine(args: argparse.Namespace) -> None:
+    """`mine --loras` is the standalone command (attrspace.cli.mine); `mine` alone the stage."""
+    if args.loras is None:
+        return _check_pipeline(args)
+    from attrspace.cli.mine import check_mine_loras
+
+    check_mine_loras(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from attrspace.cli.args import add_render_parser
 
@@ -391,34 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=folder_path, required=True, help="run folder")
     report.set_defaults(func=_report, check=_check_report)
 
-    bench = sub.add_parser(
-        "bench", help="time one layer: frozen nn.Linear vs SubspaceLinear vs LoRA"
-    )
-    positive = int_at_least(1)
-    bench.add_argument("--d-in", type=positive, default=1024)
-    bench.add_argument("--d-out", type=positive, default=3072)
-    bench.add_argument("--tokens", type=positive, default=4096)
-    bench.add_argument("--rank", type=positive, default=64, help="K of the bank")
-    bench.add_argument("--lora-rank", type=positive, default=16)
-    bench.add_argument("--steps", type=positive, default=5)
-    bench.add_argument("--backend", default="auto", help="SubspaceLinear backend")
-    bench.add_argument("--device", default="cpu")
-    bench.add_argument(
-        "--threads", type=int_at_least(0), default=0, help="torch threads (0: torch's default)"
-    )
-    bench.set_defaults(func=_bench, check=_check_bench)
-
-    demo = sub.add_parser("demo", help="inject a bank into a small ViT, train M, compare with LoRA")
-    demo.add_argument("--dim", type=positive, default=256)
-    demo.add_argument("--depth", type=positive, default=4)
-    demo.add_argument("--tokens", type=int_at_least(2), default=1024, help="an even count")
-    demo.add_argument("--rank", type=positive, default=16, help="K of the bank and r of the LoRA")
-    demo.add_argument("--steps", type=positive, default=8)
-    demo.add_argument("--seed", type=seed_type, default=0)
-    demo.add_argument(
-        "--threads", type=int_at_least(0), default=0, help="torch threads (0: torch's default)"
-    )
-    demo.set_defaults(func=_demo, check=_check_demo)
+    _add_bench_parser(sub)
+    _add_demo_parser(sub)
 
     _add_profile_parser(sub)
 
@@ -466,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help (0) or a rejected argument (2, already printed)
         return exc.code if isinstance(exc.code, int) else 2
     prog = f"attrspace {args.command}"
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in a run's runs.json
     check = getattr(args, "check", None)
     if check is not None:
         try:
