@@ -19,6 +19,7 @@ import torch
 from attrspace.adapters.inject import inject_lora
 from attrspace.data import MIXED, write_family
 from attrspace.export.peft_folder import CONFIG_NAME, WEIGHTS_NAME, save_peft
+from attrspace.models.vggt.config import CONFIG_FILE
 from attrspace.models.vggt.params import adaptation_targets
 from attrspace.pipeline import spread
 from attrspace.pipeline.cache import (
@@ -151,6 +152,7 @@ def pretrain_stage(ws: Workspace) -> str:
     errors = error_terms(model, scenes[:16], ws.device)
     with stage_output(folder) as tmp:
         save_weights(model, tmp / "model.safetensors", expected)
+        ws.preset.model.save(tmp / CONFIG_FILE)  # load_pretrained(OUT/base) rebuilds the model
         write_json_atomic(tmp / "curve.json", {**curve(log), "train_error": errors})
         write_marker(
             tmp,
