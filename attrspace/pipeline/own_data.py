@@ -55,11 +55,11 @@ from attrspace.pipeline.cache import (
     write_json_atomic,
     write_marker,
 )
-from attrspace.pipeline.presets import Preset
+from attrspace.pipeline.presets import Preset, get_preset
 from attrspace.pipeline.stages.mining import BANK_FILE
 from attrspace.pipeline.workspace import RunInputError, torch_threads
-from attrspace.train.config import FinetuneConfig, save_config
-from attrspace.train.resumable import check_state, run_training
+from attrspace.train.config import FinetuneConfig, load_config, save_config
+from attrspace.train.resumable import check_state, read_state_tensors, run_training
 from attrspace.util.files import atomic_path
 from attrspace.util.folders import folder_lock
 
@@ -399,9 +399,10 @@ def _run(inputs, out, config, expected, preset, checkpoint, device, progress) ->
         check_state(state, expected)  # another run's state is refused before any work
     (out / MARKER).unlink(missing_ok=True)
     save_config(config, out / "config.toml", header=f"resolved config of {out}")
-    write_json_atomic(
-        out / "inputs.json", {**inputs.identity, "split": inputs.split, "digest": expected}
-    )
+    sources = {"bank_file": str(inputs.bank_file.resolve()), "preset": preset.name}
+    sources["checkpoint"] = None if checkpoint is None else str(Path(checkpoint).resolve())
+    record = {**inputs.identity, "sources": sources, "split": inputs.split, "digest": expected}
+    write_json_atomic(out / "inputs.json", record)
     dev = torch.device(
         device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     )
@@ -430,3 +431,31 @@ def _run(inputs, out, config, expected, preset, checkpoint, device, progress) ->
     if progress:
         print(f"adapter: {out / ADAPTER_DIR} (serve it with peft.PeftModel.from_pretrained)")
     return read_json(out / "metrics.json", ("losses",))
+
+
+def load_run(out: str | Path, device: str = "cpu") -> nn.Module:
+    """The adapted model of a --data run folder, rebuilt from its inputs.json (base, bank) and
+    config.toml, with the trained tensors of its state.safetensors (the last save)."""
+    out = Path(out)
+    record = read_json(out / "inputs.json", ("sources", "digest", "split"))
+    sources = record["sources"]
+    config = load_config(out / "config.toml")
+    base = record["base"]
+    preset = get_preset(sources["preset"])
+    preset = preset.replace(
+        model=VGGTConfig.from_dict(base["model"], where=str(out / "inputs.json")),
+        seed=base.get("seed", preset.seed),
+    )
+    raw, _ = read_bank(Path(sources["bank_file"]))
+    bank = shaped_bank(raw, config.adapter.rank_cap, config.adapter.scale)
+    model, weights, _ = base_model(preset, sources["checkpoint"], config)
+    inputs = Inputs(
+        None, None, record["split"], bank, Path(sources["bank_file"]), model, weights, {}
+    )
+    model = prepare_model(inputs, config, torch.device(device))
+    tensors = read_state_tensors(out / STATE_FILE, record["digest"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(tensors[f"param/{name}"])
+    return model.eval()

@@ -23,6 +23,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from attrspace.train.losses import LossConfig
 from attrspace.util.files import atomic_write_bytes
 
@@ -252,8 +254,6 @@ def read_config_file(path: str | Path) -> dict:
             return tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-    import yaml  # only YAML files need it
-
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

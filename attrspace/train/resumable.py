@@ -173,6 +173,29 @@ def check_state(path: Path, digest: str) -> int:
     return _state_meta(Path(path), digest)[1]["step"]
 
 
+def read_state_tensors(path: Path, digest: str) -> dict[str, Tensor]:
+    """Every tensor of the state at `path` ("param/<name>", "adam/<name>/<key>", "rng/torch")
+    after its digest is checked."""
+    return _state_meta(Path(path), digest)[0]
+
+
+def _saved_for(tensors: dict[str, Tensor], name: str, p: Tensor) -> tuple[dict, str | None]:
+    """AdamW's saved state of parameter `name` (reshaped), or what does not fit."""
+    saved = tensors.get(f"param/{name}")
+    if saved is None or saved.shape != p.shape or saved.dtype != p.dtype:
+        return {}, f"param/{name}"
+    if not bool(torch.isfinite(saved).all()):
+        return {}, f"param/{name} (not finite)"
+    moments = {}
+    for key in (k for k in tensors if k.startswith(f"adam/{name}/")):
+        part, value = key.rsplit("/", 1)[1], tensors[key]
+        shape = () if part == "step" else p.shape
+        if value.numel() != math.prod(shape):
+            return {}, key
+        moments[part] = value.reshape(shape)
+    return moments, None
+
+
 def load_state(
     path: Path, model: nn.Module, opt: torch.optim.Optimizer, digest: str
 ) -> tuple[int, History]:
@@ -180,27 +203,18 @@ def load_state(
     tensor is checked (present, shape, dtype, finite) before anything changes."""
     tensors, meta = _state_meta(path, digest)
     names = {id(p): n for n, p in model.named_parameters()}
-    moments: dict[int, dict[str, Tensor]] = {}
-    problems, index = [], 0
-    for group in opt.param_groups:
-        for p in group["params"]:
-            name = names[id(p)]
-            saved = tensors.get(f"param/{name}")
-            if saved is None or saved.shape != p.shape or saved.dtype != p.dtype:
-                problems.append(f"param/{name}")
-            elif not bool(torch.isfinite(saved).all()):
-                problems.append(f"param/{name} (not finite)")
-            keys = {k.rsplit("/", 1)[1] for k in tensors if k.startswith(f"adam/{name}/")}
-            moments[index] = {
-                k: tensors[f"adam/{name}/{k}"].reshape(p.shape if k != "step" else ()) for k in keys
-            }
-            index += 1
+    params = [p for group in opt.param_groups for p in group["params"]]
+    moments, problems = {}, []
+    for index, p in enumerate(params):
+        moments[index], problem = _saved_for(tensors, names[id(p)], p)
+        problems += [problem] if problem else []
+    expected = {f"param/{names[id(p)]}" for p in params}
+    problems += sorted(k for k in tensors if k.startswith("param/") and k not in expected)
     if problems or "rng/torch" not in tensors:
-        raise StateFileError(f"{path}: does not fit the model: {problems or ['rng/torch']}")
+        raise StateFileError(f"{path}: does not fit the model: {problems[:4] or ['rng/torch']}")
     with torch.no_grad():
-        for group in opt.param_groups:
-            for p in group["params"]:
-                p.copy_(tensors[f"param/{names[id(p)]}"])
+        for p in params:
+            p.copy_(tensors[f"param/{names[id(p)]}"])
     state = opt.state_dict()
     state["state"] = {i: m for i, m in moments.items() if m}
     opt.load_state_dict(state)
