@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 import attrspace
-from attrspace import backends, reference
+from attrspace import backends
+from attrspace.adapters import reference
 from attrspace.measure.profiling import time_steps
 from attrspace.testing import layer_inputs, relative_error
 

@@ -349,6 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=folder_path, required=True, help="run folder")
     report.set_defaults(func=_report, check=_check_report)
 
+    _add_tool_parsers(sub)
+    return parser
+
+
+def _add_tool_parsers(sub) -> None:
+    """bench, demo and backends."""
     bench = sub.add_parser(
         "bench", help="time one layer: frozen nn.Linear vs SubspaceLinear vs LoRA"
     )
@@ -382,7 +388,6 @@ def build_parser() -> argparse.ArgumentParser:
         "backends", help="which backends of the adapted layer run here, and why not"
     )
     info.set_defaults(func=_backends)
-    return parser
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -15,9 +15,11 @@ from attrspace.pipeline import spread
 from attrspace.pipeline.cache import StageFileError, read_json, write_json_atomic
 from attrspace.pipeline.presets import Preset
 from attrspace.pipeline.report.document import write_report
-from attrspace.pipeline.stages.common import lora_stage, pretrain_stage, render_stage
 from attrspace.pipeline.stages.finetune import finetune_stage
+from attrspace.pipeline.stages.lora import lora_stage
 from attrspace.pipeline.stages.mining import mine_stage
+from attrspace.pipeline.stages.pretrain import pretrain_stage
+from attrspace.pipeline.stages.render import render_stage
 from attrspace.pipeline.study import study_stage
 from attrspace.pipeline.workspace import RUNS_FILE, RunInputError, Workspace, torch_threads
 from attrspace.util.folders import folder_lock

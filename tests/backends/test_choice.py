@@ -11,7 +11,8 @@ import torch
 import attrspace
 from attrspace import backends
 from attrspace.adapters.functional import subspace_linear
-from attrspace.backends import measured, torch_backend
+from attrspace.backends import choice as measured
+from attrspace.backends import registry, torch_backend
 from attrspace.testing import layer_inputs
 
 
@@ -56,8 +57,8 @@ def fake(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.delenv(backends.ENV_FORCE, raising=False)
     monkeypatch.setitem(backends._MODULES, "fake", "tests.fake")
-    monkeypatch.setitem(backends._LOADED, "fake", _fake_backend(calls))
-    monkeypatch.setitem(backends._UNAVAILABLE, "fake", None)
+    monkeypatch.setitem(registry._LOADED, "fake", _fake_backend(calls))
+    monkeypatch.setitem(registry._UNAVAILABLE, "fake", None)
     monkeypatch.setattr(backends, "candidates", lambda x, w, k: ["torch", "fake"])
     measured.forget()
     yield calls
@@ -71,7 +72,7 @@ def test_a_fast_backend_with_wrong_results_is_never_chosen(fake, monkeypatch):
         forward=lambda *a: tuple(t * 1.01 for t in torch_backend.forward(*a)),
         backward=torch_backend.backward,
     )
-    monkeypatch.setitem(backends._LOADED, "fake", wrong)
+    monkeypatch.setitem(registry._LOADED, "fake", wrong)
     timer = FakeTimer([0.003])  # only torch is timed
     monkeypatch.setattr(measured, "default_timer", timer)
     t = _inputs()
@@ -157,7 +158,7 @@ def test_a_cached_choice_that_cannot_run_is_timed_again(fake, monkeypatch):
 
 
 def test_a_backend_failing_while_timed_is_left_out_with_a_warning(fake, monkeypatch):
-    monkeypatch.setitem(backends._LOADED, "fake", _fake_backend([], fail=True))
+    monkeypatch.setitem(registry._LOADED, "fake", _fake_backend([], fail=True))
     monkeypatch.setattr(measured, "default_timer", lambda step, device: step() or 1.0)
     t = _inputs()
     with pytest.warns(UserWarning, match="fake: RuntimeError: launch failed"):
@@ -181,7 +182,7 @@ def test_environment_variable_forces_a_backend(fake, monkeypatch):
     monkeypatch.setenv(backends.ENV_FORCE, "torch")
     assert backends.select("auto", t["x"], t["weight"], 4) == "torch"
     assert timer.calls == 0
-    monkeypatch.setitem(backends._UNAVAILABLE, "fake", "fake has no device")
+    monkeypatch.setitem(registry._UNAVAILABLE, "fake", "fake has no device")
     monkeypatch.setenv(backends.ENV_FORCE, "fake")
     with pytest.raises(
         ValueError, match=r"backend 'fake' \(forced by ATTRSPACE_BACKEND\) cannot run"

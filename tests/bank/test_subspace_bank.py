@@ -8,7 +8,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from attrspace import BankFileError, LayerSubspace, SubspaceBank
-from attrspace.bank import _digest, random_bank, upgrade_v1_file
+from attrspace.bank import random_bank, upgrade_v1_file
+from attrspace.bank.subspace_bank import _digest
 from attrspace.util.files import checksum
 
 

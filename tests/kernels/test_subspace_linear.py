@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import attrspace
-from attrspace import backends, reference
+from attrspace import backends
+from attrspace.adapters import reference
 from attrspace.adapters.functional import subspace_linear
 from attrspace.kernels.subspace_linear import subspace_linear_backward, subspace_linear_forward
 from attrspace.testing import assert_close, layer_inputs
