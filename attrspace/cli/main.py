@@ -33,6 +33,7 @@ from attrspace.cli.args import (
     seed_type,
 )
 from attrspace.cli.own_data import (
+    add_config_arguments,
     add_config_parser,
     add_own_data_arguments,
     check_own_data,
@@ -291,9 +292,10 @@ def _add_pipeline_parser(sub, name: str, help_text: str, until: str) -> argparse
     if until == "finetune":
         p.add_argument("--tasks", nargs="+", choices=DOWNSTREAM_TASKS, help="downstream tasks")
         p.add_argument("--methods", nargs="+", choices=METHODS, help="fine-tuning methods")
-        add_own_data_arguments(p)
+        add_config_arguments(p)
     p.set_defaults(func=_pipeline(until), check=_check_pipeline)
     if name == "finetune":
+        add_own_data_arguments(p)
         p.set_defaults(func=_finetune, check=_check_finetune)
     return p
 

@@ -13,7 +13,7 @@ PIPELINE_ONLY = ("loras", "tasks", "methods", "single_attribute", "rank", "rank_
 
 
 def add_own_data_arguments(p: argparse.ArgumentParser) -> None:
-    """--data, --bank, --resume (own scenes) and --config, --set (also the pipeline's)."""
+    """--data, --bank, --resume: fine-tuning on your own scenes."""
     p.add_argument(
         "--data",
         type=Path,
@@ -33,6 +33,10 @@ def add_own_data_arguments(p: argparse.ArgumentParser) -> None:
         help="with --data: continue OUT's interrupted run (rerunning the command does too); "
         "an error when OUT holds no state",
     )
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """--config FILE and --set KEY=VALUE (fine-tuning settings; pipeline and --data runs)."""
     p.add_argument(
         "--config",
         type=Path,

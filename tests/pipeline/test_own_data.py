@@ -161,3 +161,30 @@ def test_bad_input_is_refused_in_one_line_before_work(inputs, tmp_path, capsys, 
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "o").exists()  # nothing was written
+
+
+def test_settings_reach_the_run(inputs, tmp_path):
+    """epochs, frames, bf16, checkpointing, heads = "full" and a rank cap, in one short run."""
+    settings = [
+        "train.epochs=1.0",
+        "train.frames=2",
+        "train.precision=bf16",
+        "train.gradient_checkpointing=true",
+        "adapter.heads=full",
+        "adapter.rank_cap=2",
+        "validation.fraction=0.25",
+    ]
+    cfg = config(*settings)
+    checked = own.check_inputs(inputs / "data", inputs / "bank.safetensors", MICRO, None, cfg)
+    assert {x.rank for x in checked.bank.layers.values()} == {2}
+    assert all(checked.train[i]["images"].shape[0] == 2 for i in range(len(checked.train)))
+    metrics = run(inputs, tmp_path / "r", *settings)
+    assert len(metrics["losses"]) == len(checked.train) == 3  # one epoch of batch 1: 3 scenes
+    assert len(metrics["split"]["validation"]) == 1
+    state = read_safetensors(tmp_path / "r" / own.STATE_FILE)[0]
+    heads = read_safetensors(tmp_path / "r" / "heads.safetensors")[0]
+    assert heads and all(f"param/{k}" in state for k in heads)
+    ms = [v for k, v in state.items() if k.startswith("param/") and k.endswith(".M")]
+    assert ms and all(m.dtype == torch.float32 and m.shape == (2, 2) for m in ms)
+    model = own.load_run(tmp_path / "r")
+    assert model.aggregator.gradient_checkpointing
