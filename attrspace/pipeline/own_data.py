@@ -411,6 +411,8 @@ def _run(inputs, out, config, expected, preset, checkpoint, device, progress) ->
     if progress:
         n = sum(p.numel() for p in model.parameters() if p.requires_grad)
         resumed = " (resuming)" if state.exists() else ""
+        if checkpoint is None:
+            print(f"finetune: no --checkpoint: preset {preset.name}'s model, freshly initialised")
         print(
             f"finetune: {len(inputs.train)} training / {len(inputs.val or [])} validation "
             f"samples, {n} trainable parameters, on {dev}{resumed}",
