@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from attrspace.adapters.inject import inject, inject_lora
@@ -60,7 +59,7 @@ from attrspace.pipeline.stages.mining import BANK_FILE
 from attrspace.pipeline.workspace import RunInputError, torch_threads
 from attrspace.train.config import FinetuneConfig, load_config, save_config
 from attrspace.train.resumable import check_state, read_state_tensors, run_training
-from attrspace.util.files import atomic_path
+from attrspace.util.files import atomic_save_safetensors
 from attrspace.util.folders import folder_lock
 
 STATE_FILE = "state.safetensors"
@@ -345,8 +344,7 @@ def _write_outputs(out: Path, model: nn.Module, config, history, inputs, base_na
             for n, p in model.named_parameters()
             if p.requires_grad and n.startswith(HEAD_MODULES)
         }
-        with atomic_path(out / "heads.safetensors") as tmp:
-            save_file(tensors, str(tmp))
+        atomic_save_safetensors(tensors, {"adapter.heads": "full"}, out / "heads.safetensors")
     final = history.validation[-1]["objective"] if history.validation else None
     write_json_atomic(
         out / "metrics.json",
