@@ -10,7 +10,8 @@ Pipeline commands (each runs the stages before it, taking finished ones from the
     run         everything, then report.md (the main job)
     report      rewrite report.md from a run folder
 Tools: config (print a preset's fine-tuning settings as TOML), bench (one layer shape: frozen vs
-SubspaceLinear vs LoRA), demo, backends.
+SubspaceLinear vs LoRA), demo, backends, profile (saved activations of a VGGT training step per
+method, by region).
 
 Errors: a bad argument, a bad input file or an OS error ends the command with one line
 `attrspace <cmd>: error: <what, which path>` on stderr and exit status 2. Arguments are checked
@@ -93,6 +94,47 @@ def _check_demo(args: argparse.Namespace) -> None:
     from attrspace.cli.demo import check_demo_args
 
     check_demo_args(args.dim, args.depth, args.tokens, args.rank, args.rank, args.steps, args.seed)
+
+
+_CHECKPOINTING = {"off": (False,), "on": (True,), "both": (False, True)}
+
+
+def _check_profile(args: argparse.Namespace) -> None:
+    from attrspace.measure.activations import check_profile_args
+
+    check_profile_args(args.model, args.methods, args.frames, args.size)
+    if args.png is not None:
+        check_output_folder(args.png.parent, "--png")
+
+
+def _profile(args: argparse.Namespace) -> int:
+    import torch
+
+    from attrspace.measure.activations import GIB, format_table, method_label, plot_rows
+    from attrspace.measure.activations import profile_activations as profile
+
+    def progress(i: int, n: int, row, seconds: float) -> None:
+        print(
+            f"[{i + 1}/{n}] {method_label(row.method)}, {row.frames} frames, checkpointing "
+            f"{'on' if row.checkpointing else 'off'}: {row.total / GIB:.2f} GiB ({seconds:.1f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    rows = profile(
+        args.model,
+        args.methods,
+        args.frames,
+        _CHECKPOINTING[args.checkpointing],
+        args.size,
+        dtype,
+        progress,
+    )
+    print(format_table(rows))
+    if args.png is not None:
+        print(f"plot: {plot_rows(rows, args.png)}", file=sys.stderr)
+    return 0
 
 
 def _rank(text: str) -> int | str:
@@ -315,6 +357,59 @@ def _finetune(args: argparse.Namespace) -> int:
     return run_own_data(args)
 
 
+def _add_profile_parser(sub) -> None:
+    positive = int_at_least(1)
+    prof = sub.add_parser(
+        "profile",
+        help="saved-activation bytes of one VGGT training step per method, by region (meta device)",
+        description="Count exactly, on the meta device (no memory allocated, seconds on a CPU), "
+        "what one training step keeps for backward: frozen vs SubspaceLinear K vs LoRA r on the "
+        "192 aggregator block linears, per frame count and checkpointing setting, split into "
+        "DINO, blocks and heads. Prints a markdown table; progress goes to stderr.",
+    )
+    prof.add_argument(
+        "--model",
+        default="vggt1b",
+        help="a preset name (micro, tiny, small, vggt1b, study) or a config.json path "
+        "(default: vggt1b, VGGT-1B without the point head)",
+    )
+    prof.add_argument(
+        "--methods",
+        nargs="+",
+        default=["frozen", "subspace:16", "lora:16"],
+        help="frozen, subspace:K and/or lora:r (default: frozen subspace:16 lora:16)",
+    )
+    prof.add_argument(
+        "--frames",
+        nargs="+",
+        type=positive,
+        default=[8, 24],
+        help="frames per scene (default: 8 24)",
+    )
+    prof.add_argument(
+        "--checkpointing",
+        choices=tuple(_CHECKPOINTING),
+        default="both",
+        help="gradient checkpointing of the aggregator blocks and heads (default: both)",
+    )
+    prof.add_argument(
+        "--size",
+        type=positive,
+        default=None,
+        help="image side in pixels, a multiple of the patch size (default: the model's img_size)",
+    )
+    prof.add_argument(
+        "--dtype",
+        choices=("bf16", "fp32"),
+        default="bf16",
+        help="the aggregator's dtype; the heads stay fp32 (default: bf16)",
+    )
+    prof.add_argument(
+        "--png", type=Path, default=None, help="also write a stacked bar chart here (matplotlib)"
+    )
+    prof.set_defaults(func=_profile, check=_check_profile)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from attrspace.cli.args import add_render_parser
 
@@ -343,20 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub, "run", "every stage end to end, then report.md (the main job)", "finetune"
     )
 
-    from attrspace.pipeline import PRESETS
-
-    add_config_parser(sub, tuple(PRESETS))
-
+    add_config_parser(sub)
     report = sub.add_parser("report", help="rewrite OUT/report.md from a run folder")
     report.add_argument("--out", type=folder_path, required=True, help="run folder")
     report.set_defaults(func=_report, check=_check_report)
 
-    _add_tool_parsers(sub)
-    return parser
-
-
-def _add_tool_parsers(sub) -> None:
-    """bench, demo and backends."""
     bench = sub.add_parser(
         "bench", help="time one layer: frozen nn.Linear vs SubspaceLinear vs LoRA"
     )
@@ -386,10 +472,13 @@ def _add_tool_parsers(sub) -> None:
     )
     demo.set_defaults(func=_demo, check=_check_demo)
 
+    _add_profile_parser(sub)
+
     info = sub.add_parser(
         "backends", help="which backends of the adapted layer run here, and why not"
     )
     info.set_defaults(func=_backends)
+    return parser
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

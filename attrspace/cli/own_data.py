@@ -89,12 +89,14 @@ def run_own_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_config_parser(sub, presets) -> None:
+def add_config_parser(sub) -> None:
+    from attrspace.pipeline import PRESETS
+
     p = sub.add_parser(
         "config",
         help="print a preset's fine-tuning settings as TOML (the keys --config and --set take)",
     )
-    p.add_argument("--preset", default="tiny", choices=presets, help="default tiny")
+    p.add_argument("--preset", default="tiny", choices=tuple(PRESETS), help="default tiny")
     p.add_argument("--config", type=Path, help="apply a .toml or .yaml file on top")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one key")
     p.set_defaults(func=print_config, check=check_config)

@@ -75,8 +75,8 @@ def read_colmap(model_dir: str | Path) -> list[dict]:
     }
     views = []
     for image_id, image in rec.images.items():
-        if not image.has_pose:
-            continue  # not registered: no camera to train on
+        if not _registered(image):
+            continue  # no pose: nothing to train on
         pose = image.cam_from_world
         pose = pose() if callable(pose) else pose  # a method since pycolmap 3.12
         extrinsics = np.asarray(pose.matrix(), dtype=np.float64)
@@ -103,8 +103,14 @@ def read_colmap(model_dir: str | Path) -> list[dict]:
     return sorted(views, key=lambda v: v["name"])
 
 
+def _registered(image) -> bool:
+    """Whether an image has a pose (`has_pose` since pycolmap 3.12, `registered` before)."""
+    flag = getattr(image, "has_pose", getattr(image, "registered", True))
+    return bool(flag() if callable(flag) else flag)
+
+
 def _intrinsics(path: Path, camera_id: int, camera) -> np.ndarray:
-    name = camera.model.name
+    name = getattr(camera, "model_name", None) or camera.model.name
     params = np.asarray(camera.params, dtype=np.float64)
     extra = params[list(camera.extra_params_idxs())]
     if name not in _PERSPECTIVE:
@@ -171,8 +177,8 @@ def import_colmap(
     sizes = {(v["height"], v["width"]) for v in views}
     if len(sizes) > 1:
         raise SceneFormatError(
-            f"{model_dir}: images have {len(sizes)} sizes {sorted(sizes)}; the folder format "
-            "stores one size per scene (undistort to one size, or split the model)"
+            f"{model_dir}: cameras have {len(sizes)} image sizes {sorted(sizes)}; the importer "
+            "writes one size per scene (undistort to one size, or split the model)"
         )
     images = []
     for v in views:

@@ -384,6 +384,24 @@ def scene_terms(
     return out
 
 
+def _dense_terms(
+    predictions: dict, key: str, gt: Tensor, masks: Tensor, gradient, cfg: LossConfig
+) -> dict[str, Tensor]:
+    """conf, reg and grad of one dense head (zeros in the graph below min_valid_pixels)."""
+    if masks.sum() < cfg.min_valid_pixels:
+        return dict.fromkeys(("conf", "reg", "grad"), _zero_like_graph(predictions[key]))
+    return regression_loss(
+        predictions[key],
+        gt.to(predictions[key].dtype),
+        masks,
+        predictions[f"{key}_conf"],
+        gradient=gradient,
+        gamma=cfg.conf_gamma,
+        alpha=cfg.conf_alpha,
+        valid_range=cfg.valid_range,
+    )
+
+
 def vggt_loss(
     predictions: dict, batch: dict, config: LossConfig | None = None, *, normalize: bool = True
 ) -> dict[str, Tensor]:
@@ -427,29 +445,15 @@ def vggt_loss(
         )
         out.update(cam)
         objective = objective + cfg.camera_weight * cam["loss_camera"]
-    dense = (
+    for key, gt, weight, gradient in (
         ("depth", depths[..., None], cfg.depth_weight, cfg.depth_gradient),
         ("world_points", points, cfg.point_weight, cfg.point_gradient),
-    )
-    for key, gt, weight, gradient in dense:
+    ):
         if key not in predictions:
             continue
         name = "depth" if key == "depth" else "point"
-        if masks.sum() < cfg.min_valid_pixels:
-            parts = dict.fromkeys(("conf", "reg", "grad"), _zero_like_graph(predictions[key]))
-        else:
-            parts = regression_loss(
-                predictions[key],
-                gt.to(predictions[key].dtype),
-                masks,
-                predictions[f"{key}_conf"],
-                gradient=gradient,
-                gamma=cfg.conf_gamma,
-                alpha=cfg.conf_alpha,
-                valid_range=cfg.valid_range,
-            )
-        for part, value in parts.items():
-            out[f"loss_{part}_{name}"] = value
+        parts = _dense_terms(predictions, key, gt, masks, gradient, cfg)
+        out.update({f"loss_{part}_{name}": value for part, value in parts.items()})
         objective = objective + weight * (parts["conf"] + parts["reg"] + parts["grad"])
     if not out:
         raise ValueError("predictions hold no camera, depth or point output")

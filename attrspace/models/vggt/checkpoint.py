@@ -382,7 +382,7 @@ def _assign(model: nn.Module, key: str, target: Tensor, tensor: Tensor) -> None:
 
 def load_pretrained(
     folder: str | os.PathLike, *, changes: dict | None = None, strict: bool = True
-) -> tuple[nn.Module, LoadReport]:
+) -> tuple[VGGT, LoadReport]:
     """A model folder (config.json + model.safetensors, as `attrspace run` writes OUT/base/, or a
     snapshot folder) -> (VGGT built from its config.json, the LoadReport).
 
