@@ -210,25 +210,43 @@ def split_scenes(names: list[str], config: FinetuneConfig) -> tuple[list[int], l
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
-def _check_samples(train, config: FinetuneConfig, patch: int) -> None:
-    """The first training sample's size fits the patch size; a batch can be stacked."""
-    first = train[0]["images"]
-    h, w = first.shape[-2:]
-    if h % patch or w % patch:
+def _unit_shape(unit) -> tuple[int, int, int] | None:
+    """(views, H, W) of a scene folder's samples from its cameras.json and its first image's
+    header (no image decoded); a rendered family's from its first scene (one shape for all)."""
+    if not isinstance(unit, SceneFolderDataset):
+        images = unit.family[0]["images"]
+        return unit.frames or images.shape[0], *images.shape[-2:]
+    from PIL import Image  # the [data] extra, needed to read scene folders at all
+
+    views = read_cameras(unit.scenes[0])
+    if unit.size is not None:
+        return unit.frames or len(views), *unit.size
+    with Image.open(views[0]["image"]) as im:
+        w, h = im.size
+    return unit.frames or len(views), h, w
+
+
+def _check_samples(units: list, names: list[str], config: FinetuneConfig, patch: int) -> None:
+    """Every scene's images fit the patch size, and the training samples can share a batch."""
+    n = sum(len(u) for u in units)
+    if config.train.batch_size > n:
         raise RunInputError(
-            f"images are {h}x{w}, not multiples of the patch size {patch}: set train.image_size"
+            f"train.batch_size {config.train.batch_size} exceeds the {n} training samples"
         )
-    if config.train.batch_size > len(train):
-        raise RunInputError(
-            f"train.batch_size {config.train.batch_size} exceeds the {len(train)} training samples"
-        )
-    if config.train.batch_size > 1:
-        shapes = {tuple(train[i]["images"].shape) for i in range(len(train))}
-        if len(shapes) > 1:
+    shapes = {}
+    for unit, name in zip(units, names, strict=True):
+        shape = _unit_shape(unit)
+        if shape[1] % patch or shape[2] % patch:
             raise RunInputError(
-                f"samples of different shapes {sorted(shapes)} cannot share a batch: set "
-                "train.image_size and train.frames, or train.batch_size = 1"
+                f"scene {name}: images are {shape[1]}x{shape[2]}, not multiples of the patch "
+                f"size {patch}: set train.image_size"
             )
+        shapes.setdefault(shape, name)
+    if config.train.batch_size > 1 and len(shapes) > 1:
+        raise RunInputError(
+            f"scenes of different shapes (views, H, W) {shapes} cannot share a batch: set "
+            "train.image_size and train.frames, or train.batch_size = 1"
+        )
 
 
 # -- the base model -------------------------------------------------------------------------------
@@ -287,7 +305,12 @@ def check_inputs(
         )
     train = torch.utils.data.ConcatDataset([units[i] for i in train_idx])
     val = torch.utils.data.ConcatDataset([units[i] for i in val_idx]) if val_idx else None
-    _check_samples(train, config, model.config.patch_size)
+    _check_samples(
+        [units[i] for i in train_idx],
+        [names[i] for i in train_idx],
+        config,
+        model.config.patch_size,
+    )
     split = {"train": [names[i] for i in train_idx], "validation": [names[i] for i in val_idx]}
     identity = {"data": data_id, "bank": file_sha256(bank_file), "base": base_id}
     return Inputs(train, val, split, shaped, bank_file, model, weights, identity)

@@ -188,3 +188,25 @@ def test_settings_reach_the_run(inputs, tmp_path):
     assert ms and all(m.dtype == torch.float32 and m.shape == (2, 2) for m in ms)
     model = own.load_run(tmp_path / "r")
     assert model.aggregator.gradient_checkpointing
+
+
+def test_scene_shapes_are_checked_from_headers_before_work(inputs, tmp_path):
+    write_scenes(tmp_path / "mixed" / "a", n=2, size=28)
+    write_scenes(tmp_path / "mixed" / "b", n=2, size=42)
+    data = tmp_path / "mixed"
+    for folder in sorted(data.glob("*/*")):  # one data root of four scene folders
+        folder.rename(data / f"{folder.parent.name}_{folder.name}")
+    bank = inputs / "bank.safetensors"
+    with pytest.raises(own.RunInputError, match="different shapes"):
+        own.check_inputs(data, bank, MICRO, None, config("train.batch_size=2"))
+    own.check_inputs(data, bank, MICRO, None, config("train.batch_size=2", "train.image_size=28"))
+    own.check_inputs(data, bank, MICRO, None, config())  # batch 1: sizes may differ
+    spec = family_specs("photo", 1, 1, 3, seed=3)[0].scenes[0]
+    r = render_scene(spec, 28)
+    padded = torch.nn.functional.pad(r["images"], (0, 2, 0, 2))  # 30 x 30: no patch grid
+    for i in range(2):
+        write_scene(
+            tmp_path / "odd" / f"s{i}", padded, r["extrinsics"].float(), r["intrinsics"].float()
+        )
+    with pytest.raises(own.RunInputError, match="not multiples of the patch size 14"):
+        own.check_inputs(tmp_path / "odd", bank, MICRO, None, config("validation.fraction=0.0"))
