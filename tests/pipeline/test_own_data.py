@@ -13,6 +13,7 @@ from attrspace.cli.main import main
 from attrspace.data.families import family_specs
 from attrspace.data.folder import write_scene
 from attrspace.data.render import render_scene
+from attrspace.data.storage import write_family
 from attrspace.models.vggt import VGGT, adaptation_targets
 from attrspace.pipeline import get_preset
 from attrspace.pipeline import own_data as own
@@ -210,3 +211,20 @@ def test_scene_shapes_are_checked_from_headers_before_work(inputs, tmp_path):
         )
     with pytest.raises(own.RunInputError, match="not multiples of the patch size 14"):
         own.check_inputs(tmp_path / "odd", bank, MICRO, None, config("validation.fraction=0.0"))
+
+
+def test_a_rendered_family_is_data_too(inputs, tmp_path):
+    write_family(tmp_path / "family", "photo", 1, 3, 3, 28, seed=0)
+    cfg = config("train.frames=2", "validation.fraction=0.3")
+    checked = own.check_inputs(tmp_path / "family", inputs / "bank.safetensors", MICRO, None, cfg)
+    assert len(checked.train) == 2 and len(checked.val) == 1
+    sample = checked.train[0]
+    assert sample["images"].shape[0] == 2 and sample["world_points"].shape[0] == 2
+    with pytest.raises(own.RunInputError, match="image_size"):
+        own.check_inputs(
+            tmp_path / "family",
+            inputs / "bank.safetensors",
+            MICRO,
+            None,
+            config("train.image_size=56"),
+        )
