@@ -19,6 +19,7 @@ LAZY = {
     # mine_peft reaches the pipeline's report modules (about 1 s to import): `import attrspace`
     # does not pay for them until attrspace.mine_peft is first used (a module __getattr__).
     "attrspace": "mine_peft loaded on first use",
+    "attrspace.cli.own_data": "command modules loaded when the command runs",
     # The VGGT-1B default of the parameter table is built only when no model is given.
     "attrspace.models.vggt.params": "the default model is built on demand",
 }

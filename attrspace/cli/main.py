@@ -6,11 +6,13 @@ Pipeline commands (each runs the stages before it, taking finished ones from the
     train-lora  ... + one LoRA per attribute dataset
     mine        ... + the attribute subspace bank and the control banks
                 (mine --loras DIR: a bank from your own peft LoRAs alone, any model)
-    finetune    ... + every method on every downstream task, then report.md
+    finetune    ... + every method on every downstream task, then report.md; with --data DIR
+                --bank FILE: fine-tune on your own scenes into a peft adapter (resumable)
     run         everything, then report.md (the main job)
     report      rewrite report.md from a run folder
-Tools: bench (one layer shape: frozen vs SubspaceLinear vs LoRA), demo, backends, profile (saved
-activations of a VGGT training step per method, by region).
+Tools: config (print a preset's fine-tuning settings as TOML), bench (one layer shape: frozen vs
+SubspaceLinear vs LoRA), demo, backends, profile (saved activations of a VGGT training step per
+method, by region).
 
 Errors: a bad argument, a bad input file or an OS error ends the command with one line
 `attrspace <cmd>: error: <what, which path>` on stderr and exit status 2. Arguments are checked
@@ -31,6 +33,13 @@ from attrspace.cli.args import (
     folder_path,
     int_at_least,
     seed_type,
+)
+from attrspace.cli.own_data import (
+    add_config_arguments,
+    add_config_parser,
+    add_own_data_arguments,
+    check_own_data,
+    run_own_data,
 )
 
 # Exit status of an interrupted command (128 + SIGINT, as shells report it).
@@ -198,6 +207,18 @@ def _preset_from_args(args: argparse.Namespace):
     return preset.replace(**changes) if changes else preset
 
 
+def _resolved_config(args: argparse.Namespace, preset):
+    """The preset's fine-tuning defaults, then --config FILE, then every --set key=value."""
+    from attrspace.pipeline.presets import preset_defaults
+    from attrspace.train.config import resolve_config
+
+    return resolve_config(
+        base=preset_defaults(preset),
+        file=getattr(args, "config", None),
+        overrides=getattr(args, "set", None) or (),
+    )
+
+
 def _check_pipeline(args: argparse.Namespace) -> None:
     """Every argument of a pipeline command, before any stage runs."""
     check_output_folder(args.out)
@@ -206,7 +227,14 @@ def _check_pipeline(args: argparse.Namespace) -> None:
     loras = getattr(args, "loras", None)
     if loras is not None and not loras.is_dir():
         raise UsageError(f"--loras {loras}: no such folder")
+    if getattr(args, "bank", None) is not None or getattr(args, "resume", False):
+        raise UsageError("--bank and --resume need --data (fine-tuning on your own scenes)")
     args.preset_obj = _preset_from_args(args)  # ValueError names the setting that cannot work
+    if getattr(args, "config", None) is not None or getattr(args, "set", None):
+        from attrspace.pipeline.presets import apply_finetune_config
+
+        config = _resolved_config(args, args.preset_obj)
+        args.preset_obj = apply_finetune_config(args.preset_obj, config)
     _check_device(args.preset_obj.device, "--device" if args.device else "the preset's device")
     if args.preset_obj.needs_checkpoint and args.checkpoint is None:
         raise UsageError(f"preset {args.preset} needs --checkpoint (a local VGGT weights file)")
@@ -361,7 +389,11 @@ def _add_pipeline_parser(sub, name: str, help_text: str, until: str) -> argparse
     p.add_argument(
         "--out", type=folder_path, required=True, help="run folder (stages are cached here)"
     )
-    p.add_argument("--checkpoint", type=Path, help="local official VGGT weights (vggt1b preset)")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="local VGGT weights (vggt1b preset); with --data also a model folder (config.json)",
+    )
     p.add_argument("--seed", type=seed_type, help="override the preset's seed")
     p.add_argument("--threads", type=int_at_least(0), help="torch threads (0: torch's default)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the preset's device")
@@ -389,8 +421,27 @@ def _add_pipeline_parser(sub, name: str, help_text: str, until: str) -> argparse
     if until == "finetune":
         p.add_argument("--tasks", nargs="+", choices=DOWNSTREAM_TASKS, help="downstream tasks")
         p.add_argument("--methods", nargs="+", choices=METHODS, help="fine-tuning methods")
+        add_config_arguments(p)
     p.set_defaults(func=_pipeline(until), check=_check_mine if until == "mine" else _check_pipeline)
+    if name == "finetune":
+        add_own_data_arguments(p)
+        p.set_defaults(func=_finetune, check=_check_finetune)
     return p
+
+
+def _check_finetune(args: argparse.Namespace) -> None:
+    """`attrspace finetune`: the pipeline's stage, or with --data a run on your own scenes."""
+    if args.data is None:
+        _check_pipeline(args)
+        return
+    check_own_data(args, _preset_from_args, _resolved_config)
+    _check_device(args.preset_obj.device, "--device" if args.device else "the preset's device")
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    if args.data is None:
+        return _pipeline("finetune")(args)
+    return run_own_data(args)
 
 
 def _add_profile_parser(sub) -> None:
@@ -483,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub, "run", "every stage end to end, then report.md (the main job)", "finetune"
     )
 
+    add_config_parser(sub)
     report = sub.add_parser("report", help="rewrite OUT/report.md from a run folder")
     report.add_argument("--out", type=folder_path, required=True, help="run folder")
     report.set_defaults(func=_report, check=_check_report)
@@ -503,10 +555,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that report a bad input or the machine's state, never a bug: printed as one
     line. A plain ValueError or RuntimeError raised during the work keeps its traceback."""
     from attrspace.bank import BankFileError
+    from attrspace.data.folder import SceneFormatError
     from attrspace.data.storage import ShardError
     from attrspace.export.peft_folder import AdapterFileError
     from attrspace.pipeline.cache import StageFileError
     from attrspace.pipeline.workspace import RunInputError
+    from attrspace.train.config import ConfigError
+    from attrspace.train.resumable import StateFileError
     from attrspace.util.folders import FolderBusyError
 
     return (
@@ -518,6 +573,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ShardError,
         BankFileError,
         AdapterFileError,
+        ConfigError,
+        StateFileError,
+        SceneFormatError,
     )
 
 
