@@ -120,3 +120,15 @@ def test_walkthrough_serves_the_trained_adapter_in_plain_peft(tmp_path):
         assert diff <= 1e-5 and change > 100 * diff, line
     # the same command again: the run is finished, nothing is redone
     assert "nothing to do" in run(finetune, tmp_path)
+
+
+def test_the_readme_holds_the_commands_this_test_runs():
+    """The walkthrough above runs the README's steps: a README edit that changes them fails here."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Fine-tune on your own data") :]
+    section = section[: section.index("\n## ", 1)].replace("\\\n    ", "")
+    make, mine, config, finetune, _ = walkthrough(scenes=8, size=56, steps=60)
+    assert make[2].strip() in section
+    for argv in (mine, config, finetune):
+        words = [w for w in argv[3:] if w != "--quiet"]
+        assert "attrspace " + " ".join(words) in section, words
