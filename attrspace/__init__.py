@@ -23,6 +23,17 @@ from attrspace.export import (
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # mine_peft writes figures and a report through the pipeline's report modules, whose import
+    # (about 1 s) `import attrspace` should not pay: loaded on first use.
+    if name == "mine_peft":
+        from attrspace.pipeline.mine_loras import mine_peft
+
+        return mine_peft
+    raise AttributeError(f"module 'attrspace' has no attribute {name!r}")
+
+
 __all__ = [  # noqa: RUF022 (grouped by role, not sorted)
     # adapter layers and their autograd function
     "LoRAConv2d",
@@ -48,6 +59,8 @@ __all__ = [  # noqa: RUF022 (grouped by role, not sorted)
     "load_peft_into",
     "lora_state",
     "save_peft",
+    # mining a bank from your own peft LoRAs (any model)
+    "mine_peft",
     # which kernels run: attrspace.backends() prints the status
     "backends",
 ]

@@ -27,7 +27,12 @@ from torch.distributed.tensor import DTensor
 
 from attrspace.adapters.discovery import clean_name, plain_state, unwrap
 from attrspace.adapters.nn import ADAPTER_TYPES, LoRAConv2d, LoRALinear, SubspaceLinear
-from attrspace.export.writers import collect_merged_state, collect_peft_adapter, write_peft_adapter
+from attrspace.export.writers import (
+    collect_merged_state,
+    collect_peft_adapter,
+    modules_to_save,
+    write_peft_adapter,
+)
 from attrspace.models.vggt.layers import Block
 
 
@@ -140,6 +145,13 @@ def _gather_adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
             full = _full(t)
             if keep:
                 out[f"{name}.{key}"] = full.cpu().clone()
+    # The modules export_peft writes as peft's modules_to_save (trainable, outside the adapters).
+    saved = tuple(f"{n}." for n in modules_to_save(model))
+    for key, t in unwrap(model).state_dict(keep_vars=True).items():
+        if clean_name(key).startswith(saved):
+            full = _full(t)
+            if keep:
+                out[key] = full.cpu().clone()
     return out
 
 
@@ -202,13 +214,17 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 
 def save_adapter(
-    model: nn.Module, folder: str | os.PathLike, base_model_name_or_path: str | None = None
+    model: nn.Module,
+    folder: str | os.PathLike,
+    base_model_name_or_path: str | None = None,
+    format: str = "lora",
 ) -> Path:
     """Save every adapter of `model` as a plain peft LoRA folder, written by rank 0.
 
     The one call for "save my adapter" under DDP, FSDP2 or a single process: every rank calls it
     (adapter tensors are gathered collectively; the frozen base weights are not), rank 0 writes
-    `folder` with attrspace.export.writers (subspace layers as rank-K LoRAs, LoRA layers as they are), and
+    `folder` with attrspace.export.writers (subspace layers as rank-K LoRAs, or TinyLoRA with
+    format="tinylora"; LoRA layers as they are; other trainable modules as modules_to_save), and
     every rank returns only once the folder is complete. If rank 0 fails, every rank raises the
     same RuntimeError, so no rank carries on believing the adapter was saved. Load it with
     `peft.PeftModel.from_pretrained(base_model, folder)`.
@@ -229,7 +245,7 @@ def save_adapter(
     error, cause = None, None
     if _rank() == 0:
         try:
-            adapter = collect_peft_adapter(inner, tensors, base_model_name_or_path)
+            adapter = collect_peft_adapter(inner, tensors, base_model_name_or_path, format)
             write_peft_adapter(adapter, folder)
         except Exception as exc:  # reported to every rank below, then raised
             error, cause = f"{type(exc).__name__}: {exc}", exc

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 
-def _check_last_dims(name: str, t: Tensor, dims: tuple[int, ...]) -> None:
+def check_last_dims(name: str, t: Tensor, dims: tuple[int, ...]) -> None:
     if t.ndim < len(dims) or tuple(t.shape[-len(dims) :]) != dims:
         raise ValueError(
             f"{name} must have shape (..., {', '.join(map(str, dims))}), got {tuple(t.shape)}"
@@ -22,7 +22,7 @@ def _check_last_dims(name: str, t: Tensor, dims: tuple[int, ...]) -> None:
 
 def invert_extrinsics(extrinsics: Tensor) -> Tensor:
     """(..., 3, 4) camera-from-world -> (..., 3, 4) world-from-camera, in closed form (R^T, -R^T t)."""
-    _check_last_dims("extrinsics", extrinsics, (3, 4))
+    check_last_dims("extrinsics", extrinsics, (3, 4))
     rot = extrinsics[..., :3, :3]
     t = extrinsics[..., :3, 3:]
     rot_t = rot.transpose(-1, -2)
@@ -46,7 +46,7 @@ def pixel_grid(height: int, width: int, *, device=None, dtype=torch.float32) -> 
 
 def depth_to_camera_points(depth: Tensor, intrinsics: Tensor) -> Tensor:
     """depth (..., H, W), intrinsics (..., 3, 3) -> camera-frame points (..., H, W, 3)."""
-    _check_last_dims("intrinsics", intrinsics, (3, 3))
+    check_last_dims("intrinsics", intrinsics, (3, 3))
     h, w = depth.shape[-2:]
     uv = pixel_grid(h, w, device=depth.device, dtype=depth.dtype)
     fx = intrinsics[..., 0, 0, None, None]
@@ -76,8 +76,8 @@ def project_points(points: Tensor, intrinsics: Tensor, extrinsics: Tensor) -> tu
 
     intrinsics (..., 3, 3) and extrinsics (..., 3, 4) broadcast against the leading dims of points.
     """
-    _check_last_dims("points", points, (3,))
-    _check_last_dims("extrinsics", extrinsics, (3, 4))
+    check_last_dims("points", points, (3,))
+    check_last_dims("extrinsics", extrinsics, (3, 4))
     cam = points @ extrinsics[..., :3, :3].transpose(-1, -2) + extrinsics[..., None, :3, 3]
     z = cam[..., 2]
     pix = cam @ intrinsics.transpose(-1, -2)

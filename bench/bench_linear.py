@@ -8,10 +8,9 @@ then python bench/report.py bench/out/*.json (ratios within one run go to bench/
 import pytest
 import torch
 from conftest import DEVICE, DTYPE, TOKENS
-from torch import nn
 
-import attrspace
 from attrspace import backends
+from attrspace.measure.lineup import build_layer, training_step
 
 SHAPES = [
     (1024, 3072),
@@ -23,23 +22,14 @@ RANKS = [32, 64, 128]
 LORA_RANK = 16
 
 
-def frozen_linear(d_in, d_out):
-    torch.manual_seed(0)
-    linear = nn.Linear(d_in, d_out, device=DEVICE, dtype=DTYPE)
-    return linear.requires_grad_(False)
-
-
-def fwd_bwd(module, d_in, d_out):
-    x = torch.randn(TOKENS, d_in, device=DEVICE, dtype=DTYPE, requires_grad=True)
+def fwd_bwd(kind, d_in, d_out, **options):
+    """One training step of the line-up's layer `kind` (attrspace.measure.lineup) at this shape."""
+    layer = build_layer(
+        kind, d_in, d_out, lora_rank=LORA_RANK, device=DEVICE, dtype=DTYPE, **options
+    )
+    x = torch.randn(TOKENS, d_in, device=DEVICE, dtype=DTYPE)
     dy = torch.randn(TOKENS, d_out, device=DEVICE, dtype=DTYPE)
-
-    def step():
-        x.grad = None
-        for p in module.parameters():
-            p.grad = None
-        module(x).backward(dy)
-
-    return step
+    return training_step(layer, x, dy)
 
 
 def flops(d_in, d_out):
@@ -65,7 +55,7 @@ SHAPE_IDS = [f"{a}x{b}" for a, b in SHAPES]
 @pytest.mark.parametrize(("d_in", "d_out"), SHAPES, ids=SHAPE_IDS)
 def test_frozen(run, benchmark, d_in, d_out):
     benchmark.group = group(d_in, d_out)
-    run(fwd_bwd(frozen_linear(d_in, d_out), d_in, d_out), method="frozen", flops=flops(d_in, d_out))
+    run(fwd_bwd("frozen", d_in, d_out), method="frozen", flops=flops(d_in, d_out))
 
 
 @pytest.mark.parametrize("backend", speed_backends())
@@ -73,14 +63,8 @@ def test_frozen(run, benchmark, d_in, d_out):
 @pytest.mark.parametrize(("d_in", "d_out"), SHAPES, ids=SHAPE_IDS)
 def test_subspace(run, benchmark, d_in, d_out, rank, backend):
     benchmark.group = group(d_in, d_out)
-    linear = frozen_linear(d_in, d_out)
-    U = torch.linalg.qr(torch.randn(d_out, rank))[0].to(DEVICE, DTYPE)
-    V = torch.linalg.qr(torch.randn(d_in, rank))[0].to(DEVICE, DTYPE)
-    layer = attrspace.SubspaceLinear.from_linear(linear, U, V, scale=2.0, backend=backend)
-    with torch.no_grad():
-        layer.M.normal_(std=0.01)
     run(
-        fwd_bwd(layer, d_in, d_out),
+        fwd_bwd("subspace", d_in, d_out, rank=rank, backend=backend),
         method=f"subspace K={rank} [{backend}]",
         flops=flops(d_in, d_out),
     )
@@ -89,17 +73,11 @@ def test_subspace(run, benchmark, d_in, d_out, rank, backend):
 @pytest.mark.parametrize(("d_in", "d_out"), SHAPES, ids=SHAPE_IDS)
 def test_lora(run, benchmark, d_in, d_out):
     benchmark.group = group(d_in, d_out)
-    layer = attrspace.LoRALinear.from_linear(frozen_linear(d_in, d_out), LORA_RANK, 2 * LORA_RANK)
-    run(fwd_bwd(layer, d_in, d_out), method=f"LoRA r={LORA_RANK}", flops=flops(d_in, d_out))
+    run(fwd_bwd("lora", d_in, d_out), method=f"LoRA r={LORA_RANK}", flops=flops(d_in, d_out))
 
 
 @pytest.mark.parametrize(("d_in", "d_out"), SHAPES, ids=SHAPE_IDS)
 def test_peft_lora(run, benchmark, d_in, d_out):
-    peft = pytest.importorskip("peft", reason="peft is an optional benchmark dependency")
+    pytest.importorskip("peft", reason="peft is an optional benchmark dependency")
     benchmark.group = group(d_in, d_out)
-    holder = nn.Sequential()
-    holder.add_module("layer", frozen_linear(d_in, d_out))
-    model = peft.get_peft_model(
-        holder, peft.LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=["layer"])
-    )
-    run(fwd_bwd(model, d_in, d_out), method=f"peft LoRA r={LORA_RANK}", flops=flops(d_in, d_out))
+    run(fwd_bwd("peft", d_in, d_out), method=f"peft LoRA r={LORA_RANK}", flops=flops(d_in, d_out))

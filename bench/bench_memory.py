@@ -45,7 +45,7 @@ def stack(method):
     torch.manual_seed(0)
     model = TinyViT(dim=512, depth=4, heads=8, in_dim=64).to(DEVICE, DTYPE)
     if method == "subspace":
-        attrspace.adapters.inject(
+        attrspace.inject(
             model, random_bank(linear_shapes(model, ADAPTED), RANK, scale=2.0, dtype=DTYPE)
         )
     elif method == "lora":

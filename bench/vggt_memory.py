@@ -47,7 +47,7 @@ def build(
         rank = int(method.split("K=")[1])
         shapes = linear_shapes(model, targets)
         bank = random_bank(shapes, rank, scale=2.0, dtype=dtype)
-        attrspace.adapters.inject(model, bank)
+        attrspace.inject(model, bank)
     elif method.startswith("lora"):
         attrspace.inject_lora(model, targets, rank=16, alpha=32)
     return model

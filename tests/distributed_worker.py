@@ -55,7 +55,7 @@ def build(checkpointing: bool = False) -> TinyNet:
     torch.manual_seed(0)
     model = TinyNet(checkpointing)
     bank = random_bank(linear_shapes(model, BLOCK_LINEARS), 4, scale=2.0, seed=1)
-    attrspace.adapters.inject(model, bank, backend="torch")
+    attrspace.inject(model, bank, backend="torch")
     attrspace.inject_lora(model, targets=("stem", "head"), rank=2, alpha=4)
     # Nonzero M from the start, so the first step's LoRA-B and U/V-side gradients are not all zero.
     with torch.no_grad():

@@ -4,7 +4,9 @@ with LoRA r=16 (trainable parameters, step time, saved-activation memory)."""
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +14,7 @@ from torch import Tensor, nn
 
 from attrspace.adapters.inject import inject, inject_lora
 from attrspace.bank import linear_shapes, random_bank
-from attrspace.measure.profiling import saved_activation_bytes, time_steps
+from attrspace.measure.profiling import saved_activation_bytes, step_times
 from attrspace.models.vit import ADAPTED, TinyViT
 
 
@@ -24,6 +26,14 @@ class DemoRow:
     saved_mib: float
     loss_start: float
     loss_end: float
+    step_times_ms: list[float] = field(default_factory=list)
+
+    def quartiles(self) -> tuple[float, float]:
+        """The first and third quartiles of the step times (ms)."""
+        if len(self.step_times_ms) < 2:
+            return self.step_ms, self.step_ms
+        q = statistics.quantiles(self.step_times_ms, n=4, method="inclusive")
+        return q[0], q[2]
 
 
 def _unit_low_rank(shape: torch.Size, rank: int) -> Tensor:
@@ -32,7 +42,9 @@ def _unit_low_rank(shape: torch.Size, rank: int) -> Tensor:
     return update / update.norm()
 
 
-def _train(model: nn.Module, batch: Tensor, target: Tensor, steps: int, lr: float) -> DemoRow:
+def _train(
+    model: nn.Module, batch: Tensor, target: Tensor, steps: int, lr: float, progress=None
+) -> DemoRow:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     losses = []
@@ -43,11 +55,33 @@ def _train(model: nn.Module, batch: Tensor, target: Tensor, steps: int, lr: floa
         loss.backward()
         opt.step()
         losses.append(loss.item())
+        if progress is not None:
+            progress()
 
-    step_s = time_steps(step, steps=steps, warmup=1)
+    times = [1e3 * t for t in step_times(step, steps=steps, warmup=1)]
     saved = saved_activation_bytes(model, lambda: model(batch))
     return DemoRow(
-        "", sum(p.numel() for p in params), 1e3 * step_s, saved / 2**20, losses[0], losses[-1]
+        "",
+        sum(p.numel() for p in params),
+        statistics.median(times),
+        saved / 2**20,
+        losses[0],
+        losses[-1],
+        times,
+    )
+
+
+def time_ratio_note(sub: DemoRow, lora: DemoRow) -> str | None:
+    """A line when the step-time ratio is not resolved: the ratio's range from the two methods'
+    quartiles is wider than the ratio's distance from 1."""
+    ratio = sub.step_ms / lora.step_ms
+    (s1, s3), (l1, l3) = sub.quartiles(), lora.quartiles()
+    low, high = s1 / l3, s3 / l1
+    if high - low <= abs(ratio - 1.0):
+        return None
+    return (
+        f"note: the step-time ratio {ratio:.2f} lies within its spread ({low:.2f} to {high:.2f} "
+        f"from the quartiles of {len(sub.step_times_ms)} steps each): not resolved by this run"
     )
 
 
@@ -85,9 +119,11 @@ def run_demo(
     lora_rank: int = 16,
     steps: int = 8,
     seed: int = 0,
+    progress: Callable[[], None] | None = None,
 ) -> list[DemoRow]:
     """Train the same task with a mined-style bank (random orthonormal here) and with LoRA.
-    Arguments are checked first (check_demo_args)."""
+    Arguments are checked first (check_demo_args); `progress()` is called after every training
+    step (2 (steps + 1) calls)."""
     check_demo_args(dim, depth, tokens, rank, lora_rank, steps, seed)
     torch.manual_seed(seed)
     base = TinyViT(dim=dim, depth=depth, heads=max(1, dim // 64))
@@ -103,12 +139,12 @@ def run_demo(
     sub = copy.deepcopy(base)
     bank = random_bank(linear_shapes(sub, ADAPTED), rank, scale=2.0, seed=seed)
     report = inject(sub, bank)
-    row = _train(sub, batch, target, steps, lr=1e-2)
+    row = _train(sub, batch, target, steps, lr=1e-2, progress=progress)
     row.method = f"subspace K={rank} ({len(report.layers)} layers)"
     rows.append(row)
     lora = copy.deepcopy(base)
     report = inject_lora(lora, ADAPTED, rank=lora_rank, alpha=2 * lora_rank)
-    row = _train(lora, batch, target, steps, lr=1e-3)
+    row = _train(lora, batch, target, steps, lr=1e-3, progress=progress)
     row.method = f"LoRA r={lora_rank} ({len(report.layers)} layers)"
     rows.append(row)
     return rows

@@ -7,6 +7,7 @@ from attrspace.export.peft_folder import (
     LoRAFactors,
     load_peft,
     load_peft_into,
+    load_saved_modules,
     lora_state,
     save_peft,
 )
@@ -16,6 +17,7 @@ from attrspace.export.writers import (
     collect_peft_adapter,
     export_merged,
     export_peft,
+    modules_to_save,
     write_merged_checkpoint,
     write_peft_adapter,
 )
@@ -30,7 +32,9 @@ __all__ = [
     "export_peft",
     "load_peft",
     "load_peft_into",
+    "load_saved_modules",
     "lora_state",
+    "modules_to_save",
     "save_peft",
     "write_merged_checkpoint",
     "write_peft_adapter",

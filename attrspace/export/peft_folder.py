@@ -44,6 +44,10 @@ _KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])(?:\.default)?\.weight$
 MATCH_BUDGET_S = 2.0
 # An adapter config is a few kilobytes; a megabyte leaves room for a rank_pattern per layer.
 _CONFIG_LIMIT = 1 << 20
+_TINY_KEY = re.compile(r"^base_model\.model\.(.+)\.tinylora_([ABP])$")
+_TINY_V = re.compile(r"^base_model\.tinylora_v\.(\d+)$")
+# safetensors metadata of a TinyLoRA folder written here: the layers in peft's order of v.
+TINYLORA_ORDER_KEY = "attrspace_tinylora_layers"
 
 
 class AdapterFileError(ValueError):
@@ -119,10 +123,7 @@ def adapter_config(
         positive_finite("lora_alpha", alpha, f"layer {name}")
     pairs = Counter(layers.values())
     r0, alpha0 = max(sorted(pairs), key=lambda pair: pairs[pair])
-    names = sorted(layers)
-    others = set(module_names or ()) | set(names)
-    ambiguous = any(o != n and o.endswith("." + n) for n in names for o in others)
-    targets = "(?:" + "|".join(re.escape(n) for n in names) + ")" if ambiguous else names
+    targets = target_modules(list(layers), module_names)
     return {
         "peft_type": "LORA",
         "r": r0,
@@ -142,12 +143,25 @@ def adapter_config(
     }
 
 
+def target_modules(names: list[str], module_names: list[str] | None = None) -> list[str] | str:
+    """peft's target_modules selecting exactly `names`: the sorted list of full names, or one exact
+    regex when a name is the dotted end of another module's name (peft's list matching would
+    adapt that module too)."""
+    names = sorted(names)
+    others = set(module_names or ()) | set(names)
+    ambiguous = any(o != n and o.endswith("." + n) for n in names for o in others)
+    return "(?:" + "|".join(re.escape(n) for n in names) + ")" if ambiguous else names
+
+
 def _exact(name: str) -> str:
     return "^" + re.escape(name)
 
 
 def write_adapter_folder(
-    tensors: dict[str, Tensor], config: dict, folder: str | os.PathLike
+    tensors: dict[str, Tensor],
+    config: dict,
+    folder: str | os.PathLike,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write weights and config into a new temporary folder, then rename it to `folder` in one step.
 
@@ -178,7 +192,8 @@ def write_adapter_folder(
     with staged_folder(folder) as tmp:
         # save() + atomic_write_bytes, not save_file: a full disk is an OSError naming the file
         # (safetensors' own writer raises a SafetensorError, a bare write names no file).
-        atomic_write_bytes(tmp / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
+        data = save(tensors, metadata={"format": "pt", **(metadata or {})})
+        atomic_write_bytes(tmp / WEIGHTS_NAME, data)
         atomic_write_bytes(tmp / CONFIG_NAME, text.encode())
         for path in keep:
             shutil.copy2(path, tmp / path.name)
@@ -275,24 +290,13 @@ def _read_config(path: Path) -> dict:
         raise AdapterFileError(
             f"{path}: the adapter config must be a JSON object, got a {type(config).__name__}"
         )
-    if config.get("peft_type") != "LORA":
-        raise AdapterFileError(f"{path}: peft_type is {config.get('peft_type')!r}, expected 'LORA'")
+    kind = config.get("peft_type")
+    if kind not in ("LORA", "TINYLORA"):
+        raise AdapterFileError(f"{path}: peft_type is {kind!r}, expected 'LORA' or 'TINYLORA'")
     try:
-        positive_int("r", config.get("r"), str(path))
-        positive_finite("lora_alpha", config.get("lora_alpha"), str(path))
-        for key, check in (("rank_pattern", positive_int), ("alpha_pattern", positive_finite)):
-            pattern = config.get(key) or {}
-            if not isinstance(pattern, dict):
-                raise TypeError(f"{key} ({path}) must be a JSON object, got {pattern!r}")
-            for k, v in pattern.items():
-                check(f"{key}[{k!r}]", v, str(path))
-        for key in ("use_rslora", "use_dora"):
-            if not isinstance(config.get(key, False), bool):
-                raise TypeError(f"{key} ({path}) must be true or false, got {config[key]!r}")
+        (_check_lora_config if kind == "LORA" else _check_tinylora_config)(path, config)
     except (TypeError, ValueError) as exc:
         raise AdapterFileError(str(exc)) from exc
-    if config.get("use_dora"):
-        raise AdapterFileError(f"{path}: DoRA adapters are not plain LoRA and cannot be read")
     targets = config.get("target_modules")
     if not (isinstance(targets, str) or (isinstance(targets, list) and targets)) or (
         isinstance(targets, list) and not all(isinstance(t, str) for t in targets)
@@ -300,22 +304,93 @@ def _read_config(path: Path) -> dict:
         raise AdapterFileError(
             f"{path}: target_modules must be a regex or a non-empty list of names, got {targets!r}"
         )
+    saved = config.get("modules_to_save")
+    if saved is not None and not (
+        isinstance(saved, list) and all(isinstance(t, str) and t for t in saved)
+    ):
+        raise AdapterFileError(f"{path}: modules_to_save must be a list of names, got {saved!r}")
     return config
 
 
+def _check_lora_config(path: Path, config: dict) -> None:
+    positive_int("r", config.get("r"), str(path))
+    positive_finite("lora_alpha", config.get("lora_alpha"), str(path))
+    for key, check in (("rank_pattern", positive_int), ("alpha_pattern", positive_finite)):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise TypeError(f"{key} ({path}) must be a JSON object, got {pattern!r}")
+        for k, v in pattern.items():
+            check(f"{key}[{k!r}]", v, str(path))
+    for key in ("use_rslora", "use_dora"):
+        if not isinstance(config.get(key, False), bool):
+            raise TypeError(f"{key} ({path}) must be true or false, got {config[key]!r}")
+    if config.get("use_dora"):
+        raise ValueError(f"{path}: DoRA adapters are not plain LoRA and cannot be read")
+
+
+def _check_tinylora_config(path: Path, config: dict) -> None:
+    positive_int("r", config.get("r"), str(path))
+    positive_int("u", config.get("u"), str(path))
+    if config.get("weight_tying", 0.0) != 0.0:
+        raise ValueError(f"{path}: weight_tying {config['weight_tying']} (shared v) is not read")
+    if config.get("save_projection") is not True:
+        raise ValueError(
+            f"{path}: save_projection is not true: the projections P are regenerated from a seed "
+            "by peft and are not in the file, so the update cannot be read here"
+        )
+
+
+def _split_saved_modules(folder: Path, config: dict, tensors: dict) -> dict[str, Tensor]:
+    """Pop the tensors of config's modules_to_save (`base_model.model.<module>.<tensor>`) out of
+    `tensors`; every listed module must have some and they must be finite."""
+    names = config.get("modules_to_save") or []
+    saved = {}
+    for key in list(tensors):
+        rest = key.removeprefix(_PREFIX)
+        if rest != key and any(rest.startswith(t + ".") for t in names):
+            saved[rest] = tensors.pop(key)
+    empty = [t for t in names if not any(k.startswith(t + ".") for k in saved)]
+    if empty:
+        raise AdapterFileError(f"{folder}: modules_to_save {empty[:4]} have no tensors in the file")
+    bad = [k for k, t in saved.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise AdapterFileError(f"{folder}: saved module tensors {bad[:4]} hold NaN or Inf")
+    return saved
+
+
+def _check_targets(folder: Path, config: dict, names) -> _Patterns:
+    """The config's patterns, once target_modules and the weights are found to name the same
+    modules."""
+    patterns = _Patterns(folder / CONFIG_NAME, config)
+    untargeted = sorted(n for n in names if not patterns.targeted(n))
+    unused = sorted(t for t in patterns.listed if not any(_ends_with(n, t) for n in names))
+    if untargeted or unused:
+        raise AdapterFileError(
+            f"{folder}: {CONFIG_NAME} and {WEIGHTS_NAME} name different modules: "
+            f"weights of modules not in target_modules {untargeted[:8]}, "
+            f"target_modules without weights {unused[:8]}"
+        )
+    return patterns
+
+
 def load_peft(folder: str | os.PathLike) -> dict[str, LoRAFactors]:
-    """Read a peft LoRA adapter folder into factors by module name, validating every layer.
+    """Read a peft LoRA (or TinyLoRA) adapter folder into factors by module name, validating
+    every layer.
 
     The config and the weights must describe the same modules (every weight's module selected by
-    target_modules, every listed target present in the weights) with the same ranks.
+    target_modules, every listed target present in the weights) with the same ranks; tensors of
+    modules_to_save are checked (`load_saved_modules` returns them). A TinyLoRA folder reads as
+    A = tinylora_A, B = tinylora_B R with R = sum_i v_i P_i, scale 1.
     """
     folder = Path(folder)
-    config_path = folder / CONFIG_NAME
-    config = _read_config(config_path)
+    config = _read_config(folder / CONFIG_NAME)
     try:
-        tensors, _ = read_safetensors(folder / WEIGHTS_NAME)
+        tensors, metadata = read_safetensors(folder / WEIGHTS_NAME)
     except ValueError as exc:
         raise AdapterFileError(str(exc)) from exc
+    _split_saved_modules(folder, config, tensors)
+    if config["peft_type"] == "TINYLORA":
+        return _tinylora_factors(folder, config, tensors, metadata)
     parts: dict[str, dict[str, Tensor]] = {}
     for key, t in tensors.items():
         match = _KEY.match(key)
@@ -324,15 +399,24 @@ def load_peft(folder: str | os.PathLike) -> dict[str, LoRAFactors]:
         parts.setdefault(match.group(1), {})[match.group(2)] = t
     if not parts:
         raise AdapterFileError(f"{folder / WEIGHTS_NAME}: holds no LoRA weights")
-    patterns = _Patterns(config_path, config)
-    untargeted = sorted(n for n in parts if not patterns.targeted(n))
-    unused = sorted(t for t in patterns.listed if not any(_ends_with(n, t) for n in parts))
-    if untargeted or unused:
-        raise AdapterFileError(
-            f"{folder}: {CONFIG_NAME} and {WEIGHTS_NAME} name different modules: "
-            f"weights of modules not in target_modules {untargeted[:8]}, "
-            f"target_modules without weights {unused[:8]}"
-        )
+    patterns = _check_targets(folder, config, parts)
+    return _lora_factors(folder, config, parts, patterns)
+
+
+def load_saved_modules(folder: str | os.PathLike) -> dict[str, Tensor]:
+    """The tensors of the folder's modules_to_save, by plain key (`head.weight`)."""
+    folder = Path(folder)
+    config = _read_config(folder / CONFIG_NAME)
+    try:
+        tensors, _ = read_safetensors(folder / WEIGHTS_NAME)
+    except ValueError as exc:
+        raise AdapterFileError(str(exc)) from exc
+    return _split_saved_modules(folder, config, tensors)
+
+
+def _lora_factors(
+    folder: Path, config: dict, parts: dict, patterns: _Patterns
+) -> dict[str, LoRAFactors]:
     factors, problems = {}, []
     for name, pair in sorted(parts.items()):
         if set(pair) != {"A", "B"}:
@@ -355,6 +439,69 @@ def load_peft(folder: str | os.PathLike) -> dict[str, LoRAFactors]:
         raise AdapterFileError(
             f"{folder}: weights and {CONFIG_NAME} disagree on ranks:\n  " + "\n  ".join(problems)
         )
+    return factors
+
+
+def _tinylora_layers(folder: Path, tensors: dict) -> tuple[dict, dict]:
+    """{layer: {"A", "B", "P": tensor}} and {index: v} from peft's TinyLoRA keys."""
+    parts: dict[str, dict[str, Tensor]] = {}
+    vs: dict[int, Tensor] = {}
+    for key, t in tensors.items():
+        match = _TINY_KEY.match(key)
+        vmatch = _TINY_V.match(key)
+        if match is not None:
+            parts.setdefault(match.group(1), {})[match.group(2)] = t
+        elif vmatch is not None:
+            vs[int(vmatch.group(1))] = t
+        else:
+            raise AdapterFileError(f"{folder / WEIGHTS_NAME}: key {key!r} is not a TinyLoRA tensor")
+    if not parts:
+        raise AdapterFileError(f"{folder / WEIGHTS_NAME}: holds no TinyLoRA layers")
+    return parts, vs
+
+
+def _tinylora_order(folder: Path, parts: dict, vs: dict, metadata: dict) -> list[str]:
+    """The layers in peft's order of v (the model's module order), as attrspace records it."""
+    try:
+        order = parse_json(metadata[TINYLORA_ORDER_KEY], f"{folder / WEIGHTS_NAME} metadata")
+    except (KeyError, BadFileError):
+        raise AdapterFileError(
+            f"{folder}: a TinyLoRA folder without attrspace's layer order: v is indexed by the "
+            "model's module order, which the folder alone does not give"
+        ) from None
+    if sorted(order) != sorted(parts) or sorted(vs) != list(range(len(order))):
+        raise AdapterFileError(
+            f"{folder}: {len(parts)} TinyLoRA layers, {len(vs)} vectors v and a recorded order of "
+            f"{len(order)} layers do not agree"
+        )
+    return order
+
+
+def _tinylora_factors(folder: Path, config: dict, tensors: dict, metadata: dict) -> dict:
+    parts, vs = _tinylora_layers(folder, tensors)
+    _check_targets(folder, config, parts)
+    order = _tinylora_order(folder, parts, vs, metadata)
+    r, u = config["r"], config["u"]
+    factors = {}
+    for index, name in enumerate(order):
+        layer, v = parts[name], vs[index]
+        if set(layer) != {"A", "B", "P"}:
+            raise AdapterFileError(f"{folder}: layer {name}: needs tinylora_A, _B and _P")
+        A, B, P = layer["A"], layer["B"], layer["P"]
+        if A.ndim != 2 or A.shape[0] != r or B.ndim != 2 or B.shape[1] != r:
+            raise AdapterFileError(
+                f"{folder}: layer {name}: A {tuple(A.shape)}, B {tuple(B.shape)} do not fit r {r}"
+            )
+        if tuple(P.shape) != (u, r, r) or tuple(v.shape) != (u,):
+            raise AdapterFileError(
+                f"{folder}: layer {name}: P {tuple(P.shape)} and v {tuple(v.shape)} do not fit "
+                f"u {u}, r {r}"
+            )
+        R = torch.einsum("i,ijk->jk", v.double(), P.double())
+        B_R = (B.double() @ R).to(B.dtype)
+        if not all(bool(torch.isfinite(t).all()) for t in (A, B_R)):
+            raise AdapterFileError(f"{folder}: layer {name}: tensors hold NaN or Inf")
+        factors[name] = LoRAFactors(A, B_R, 1.0)
     return factors
 
 

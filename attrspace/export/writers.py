@@ -5,7 +5,15 @@
 
 - a SubspaceLinear (y = x W0^T + b + s x V M^T U^T) becomes a rank-K LoRA with A = V^T (K, d_in) and
   B = s U M (d_out, K), r = lora_alpha = K so that peft's scaling alpha / r is exactly 1;
-- a LoRALinear / LoRAConv2d is written as it is (its r and alpha).
+- a LoRALinear / LoRAConv2d is written as it is (its r and alpha);
+- every other trainable parameter (a head unfrozen after inject) goes in with its module as peft's
+  modules_to_save (the module's whole state, as peft saves it); a trainable parameter that peft's
+  folder cannot hold (on the root, on a module that holds adapters, a trainable weight or bias of an
+  adapted layer, a module name whose end matches another module's) is refused by name.
+With format="tinylora" the SubspaceLinear layers go in peft's TinyLoRA layout instead, in which
+peft's trainable vector is M itself (`attrspace.export.tinylora`: its K^4 cost, its limits).
+A compiled or DDP-wrapped model exports as the model inside it; an FSDP2-sharded one is refused
+with a pointer to `attrspace.distributed.save_adapter`, which gathers the shards on every rank.
 Layers of different (r, alpha) are told apart by exact rank_pattern / alpha_pattern keys. Dropout is
 a training-time setting and is not carried (lora_dropout is 0). peft's LoRA of a Conv2d has no
 dilation, so a dilated LoRAConv2d is refused (export_merged folds it instead).
@@ -38,12 +46,34 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from attrspace.adapters.discovery import adapter_modules, plain_state, unwrap
+from attrspace.adapters.discovery import adapter_modules, clean_name, plain_state, unwrap
 from attrspace.adapters.nn import LoRAConv2d, SubspaceLinear
+from attrspace.export import tinylora
 from attrspace.export.peft_folder import adapter_config, write_adapter_folder
 from attrspace.util.files import atomic_path
 
 _PREFIX = "base_model.model."
+# Modules peft adds under each layer it adapts (LoRA or TinyLoRA) before it matches modules_to_save
+# by the plain end of a name: a module to save whose name ends one of these ("out" ends
+# "lora_dropout") would be matched there too.
+_PEFT_CHILDREN = (
+    "base_layer",
+    "lora_A",
+    "lora_A.default",
+    "lora_B",
+    "lora_B.default",
+    "lora_dropout",
+    "lora_dropout.default",
+    "lora_embedding_A",
+    "lora_embedding_B",
+    "lora_magnitude_vector",
+    "tinylora_dropout",
+    "tinylora_dropout.default",
+    "tinylora_v",
+    "tinylora_v.default",
+)
+# An adapter layer's own tensors, which the exported adapter carries (trainable or not).
+_ADAPTER_TENSORS = frozenset({"M", "U", "V", "lora_A.weight", "lora_B.weight"})
 
 
 @dataclass
@@ -52,6 +82,7 @@ class PeftAdapter:
 
     tensors: dict[str, Tensor]
     config: dict
+    metadata: dict[str, str] | None = None  # safetensors metadata (TinyLoRA's layer order)
 
 
 def _adapters(model: nn.Module) -> dict[str, nn.Module]:
@@ -107,23 +138,92 @@ def _lora_parts(name: str, m: nn.Module, state: dict) -> tuple[Tensor, Tensor, i
     return A.contiguous(), B.contiguous(), r, alpha
 
 
-def collect_peft_adapter(
-    model: nn.Module,
-    state_dict: dict[str, Tensor] | None = None,
-    base_model_name_or_path: str | None = None,
-) -> PeftAdapter:
-    """Every adapter of `model` as peft LoRA tensors (CPU) and config; see the module docstring."""
-    layers = _adapters(model)
-    state = _state(model, state_dict)
+def base_module_names(model: nn.Module) -> list[str]:
+    """The module names peft sees in the un-adapted model: plain names, without the root and
+    without the adapters' own sub-modules (lora_A, lora_B)."""
+    inner = tuple(f"{n}." for n in adapter_modules(model))
+    names = (clean_name(n) for n, _ in unwrap(model).named_modules())
+    return [n for n in names if n and not n.startswith(inner)]
+
+
+def _unsaveable(key: str, adapters: dict[str, nn.Module]) -> str | None:
+    """Why trainable parameter `key` (plain name) cannot go into peft's folder; None when it is an
+    adapter's own tensor or can be saved with its module as modules_to_save."""
+    owner = key.rpartition(".")[0]
+    for a in adapters:
+        if key.startswith(f"{a}."):
+            if key[len(a) + 1 :] in _ADAPTER_TENSORS:
+                return None
+            return f"{key} (a tensor of the adapted layer {a} beside its adapter)"
+    if not owner:
+        return f"{key} (a parameter of the model's root; modules_to_save holds whole sub-modules)"
+    inside = next((a for a in adapters if a.startswith(f"{owner}.")), None)
+    if inside is not None:
+        return f"{key} (its module {owner} holds the adapter {inside}, which peft would copy)"
+    return None
+
+
+def modules_to_save(model: nn.Module) -> list[str]:
+    """peft's modules_to_save for the model's trainable parameters outside its adapters (a head
+    unfrozen after inject): the smallest module owning each, plain names. ValueError naming every
+    trainable parameter that peft's folder cannot hold."""
+    adapters = adapter_modules(model)
+    owners, problems = set(), []
+    for raw, p in unwrap(model).named_parameters():
+        if not p.requires_grad:
+            continue
+        key = clean_name(raw)
+        problem = _unsaveable(key, adapters)
+        if problem is not None:
+            problems.append(problem)
+        elif not any(key.startswith(f"{a}.") for a in adapters):
+            owners.add(key.rpartition(".")[0])
+    keep = sorted(o for o in owners if not any(o.startswith(f"{x}.") for x in owners))
+    names = base_module_names(model) + [f"{a}.{s}" for a in adapters for s in _PEFT_CHILDREN]
+    for t in keep:
+        clash = next((o for o in names if o != t and o.endswith(t)), None)
+        if clash is not None:
+            problems.append(
+                f"{t} (peft selects modules_to_save by the end of a name, so {t!r} would also "
+                f"take {clash!r})"
+            )
+    if problems:
+        raise ValueError(
+            "trainable parameters that a peft folder cannot hold: "
+            + "; ".join(problems[:4])
+            + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+            + " (freeze them before exporting, or use export_merged)"
+        )
+    return keep
+
+
+def _check_unsharded(model: nn.Module) -> None:
+    sharded = next((n for n, p in unwrap(model).named_parameters() if _is_dtensor(p)), None)
+    if sharded is not None:
+        raise ValueError(
+            f"the model is sharded (FSDP2: {clean_name(sharded)} is a DTensor); call "
+            "attrspace.distributed.save_adapter(model, folder) on every rank: it gathers the "
+            "adapter tensors and rank 0 writes the folder"
+        )
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return type(t).__name__ == "DTensor" or type(getattr(t, "data", None)).__name__ == "DTensor"
+
+
+def _subspace_parts(name: str, m: SubspaceLinear, state: dict) -> tuple[Tensor, Tensor]:
+    U, V, M = (_full(state, f"{name}.{k}") for k in ("U", "V", "M"))
+    acc = torch.float64 if M.dtype == torch.float64 else torch.float32
+    return V.to(acc).t().contiguous(), (m.scale * (U.to(acc) @ M.to(acc))).contiguous()
+
+
+def _lora_tensors(layers: dict, state: dict) -> tuple[dict[str, Tensor], dict]:
     tensors, ranks = {}, {}
     for name, m in layers.items():
         try:
             if isinstance(m, SubspaceLinear):
-                U, V, M = (_full(state, f"{name}.{k}") for k in ("U", "V", "M"))
-                acc = torch.float64 if M.dtype == torch.float64 else torch.float32
-                A = V.to(acc).t().contiguous()
-                B = (m.scale * (U.to(acc) @ M.to(acc))).contiguous()
-                r = alpha = M.shape[0]
+                A, B = _subspace_parts(name, m, state)
+                r = alpha = A.shape[0]
             else:
                 A, B, r, alpha = _lora_parts(name, m, state)
             _finite(lora_A=A, lora_B=B)
@@ -132,22 +232,81 @@ def collect_peft_adapter(
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = A
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = B
         ranks[name] = (r, alpha)
-    names = [n for n, _ in model.named_modules()]
-    return PeftAdapter(tensors, adapter_config(ranks, base_model_name_or_path, module_names=names))
+    return tensors, ranks
+
+
+def _tinylora_adapter(layers: dict, state: dict, saved, base_model_name_or_path, names):
+    lora = sorted(n for n, m in layers.items() if not isinstance(m, SubspaceLinear))
+    if lora:
+        raise ValueError(
+            f"format='tinylora' holds SubspaceLinear layers only; {len(lora)} LoRA layers "
+            f"({lora[0]}, ...) need format='lora'"
+        )
+    parts = {}
+    for name, m in layers.items():
+        try:
+            U, V, M = (_full(state, f"{name}.{k}") for k in ("U", "V", "M"))
+            _finite(U=U, V=V, M=M)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"export of layer {name}: {exc}") from exc
+        parts[name] = (U, V, M, m.scale)
+    tensors = tinylora.tinylora_tensors(parts)
+    K = tinylora.check_ranks({n: p[2].shape[0] for n, p in parts.items()})
+    config = tinylora.tinylora_config(list(parts), K, base_model_name_or_path, names, saved or None)
+    return PeftAdapter(tensors, config, tinylora.order_metadata(list(parts)))
+
+
+def collect_peft_adapter(
+    model: nn.Module,
+    state_dict: dict[str, Tensor] | None = None,
+    base_model_name_or_path: str | None = None,
+    format: str = "lora",
+) -> PeftAdapter:
+    """Every adapter of `model` as peft tensors (CPU) and config, with the model's other trainable
+    modules as modules_to_save; see the module docstring. format: "lora" or "tinylora"."""
+    if format not in ("lora", "tinylora"):
+        raise ValueError(f"format must be 'lora' or 'tinylora', got {format!r}")
+    layers = _adapters(model)
+    saved = modules_to_save(model)
+    if state_dict is None:
+        _check_unsharded(model)
+    state = _state(model, state_dict)
+    names = base_module_names(model)
+    if format == "tinylora":
+        adapter = _tinylora_adapter(layers, state, saved, base_model_name_or_path, names)
+    else:
+        tensors, ranks = _lora_tensors(layers, state)
+        config = adapter_config(ranks, base_model_name_or_path, module_names=names)
+        config["modules_to_save"] = saved or None
+        adapter = PeftAdapter(tensors, config)
+    for key in sorted(k for k in state if any(k.startswith(f"{t}.") for t in saved)):
+        try:
+            adapter.tensors[f"{_PREFIX}{key}"] = _full(state, key).contiguous()
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"export of modules_to_save: {exc}") from exc
+    return adapter
 
 
 def write_peft_adapter(adapter: PeftAdapter, folder: str | os.PathLike) -> Path:
     """Write a collected adapter as a peft folder (temporary folder, read back, one rename)."""
     if not isinstance(adapter, PeftAdapter):
         raise TypeError(f"adapter must be a PeftAdapter, got {type(adapter).__name__}")
-    return write_adapter_folder(adapter.tensors, adapter.config, folder)
+    return write_adapter_folder(adapter.tensors, adapter.config, folder, adapter.metadata)
 
 
 def export_peft(
-    model: nn.Module, folder: str | os.PathLike, base_model_name_or_path: str | None = None
+    model: nn.Module,
+    folder: str | os.PathLike,
+    base_model_name_or_path: str | None = None,
+    format: str = "lora",
 ) -> Path:
-    """Write every adapter of `model` as a plain peft LoRA adapter folder; returns the folder."""
-    return write_peft_adapter(collect_peft_adapter(model, None, base_model_name_or_path), folder)
+    """Write every adapter of `model` as a plain peft adapter folder; returns the folder.
+
+    format "lora" (default): SubspaceLinear layers as rank-K LoRAs; "tinylora": peft's TinyLoRA
+    layout, in which peft trains exactly M (`attrspace.export.tinylora`; K <= 32, one K for all
+    layers, no LoRA layers). Other trainable parameters go in as peft's modules_to_save."""
+    adapter = collect_peft_adapter(model, None, base_model_name_or_path, format)
+    return write_peft_adapter(adapter, folder)
 
 
 def _delta(name: str, m: nn.Module, state: dict, weight: Tensor) -> Tensor:

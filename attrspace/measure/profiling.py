@@ -52,6 +52,15 @@ def time_steps(
 ) -> float:
     """Median wall time of `step()` in seconds over `steps` runs after `warmup` runs, synchronising
     the CUDA device around each run (`device`, or the current one when CUDA is present)."""
+    times = step_times(step, steps, warmup, device)
+    return sorted(times)[len(times) // 2]
+
+
+def step_times(
+    step: Callable[[], None], steps: int, warmup: int = 1, device: torch.device | None = None
+) -> list[float]:
+    """Wall time of each of `steps` runs of `step()` in seconds, after `warmup` runs (synchronised
+    as `time_steps` does)."""
     if device is not None and device.type != "cuda":
         sync = lambda: None  # noqa: E731
     elif device is not None:
@@ -67,4 +76,4 @@ def time_steps(
         step()
         sync()
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return times

@@ -13,6 +13,13 @@ from dataclasses import dataclass, field
 from attrspace.data import ATTRIBUTES, DOWNSTREAM_TASKS
 from attrspace.mining.subspaces import MiningConfig
 from attrspace.models.vggt.config import VGGTConfig
+from attrspace.train.config import (
+    AdapterSettings,
+    ConfigError,
+    FinetuneConfig,
+    OptimSettings,
+    TrainSettings,
+)
 from attrspace.train.trainer import TrainConfig
 
 # Fine-tuning methods: the paper's four and the three controls of the comparison.
@@ -326,6 +333,82 @@ def reduced_study() -> Preset:
         methods=("zero-shot",),
         study=StudyConfig(seeds=2, random_banks=2, permutations=49),
     )
+
+
+# What the pipeline's fine-tuning stage takes from a FinetuneConfig (`apply_finetune_config`);
+# every other key belongs to `attrspace finetune --data` runs.
+PIPELINE_KEYS = (
+    "optim.lr_m",
+    "optim.lr_full",
+    "optim.weight_decay",
+    "optim.clip",
+    "optim.warmup",
+    "optim.final_lr_ratio",
+    "train.steps",
+    "train.batch_size",
+    *(f"loss.{f.name}" for f in dataclasses.fields(TrainConfig().loss)),
+)
+
+
+def preset_defaults(preset: Preset) -> FinetuneConfig:
+    """The preset's fine-tuning setting as a FinetuneConfig: what `attrspace config --preset NAME`
+    prints and the defaults of `attrspace finetune --data ... --preset NAME`."""
+    ft = preset.finetune
+    return FinetuneConfig(
+        optim=OptimSettings(
+            lr_m=ft.lr,
+            lr_lora=ft.lr,
+            lr_full=preset.full_lr,
+            weight_decay=ft.weight_decay,
+            clip=ft.clip,
+            warmup=ft.warmup,
+            final_lr_ratio=ft.final_lr_ratio,
+        ),
+        train=TrainSettings(
+            steps=ft.steps,
+            batch_size=ft.batch_size,
+            seed=preset.seed,
+            gradient_checkpointing=preset.model.gradient_checkpointing,
+        ),
+        adapter=AdapterSettings(lora_rank=preset.lora_rank, lora_alpha=preset.lora_alpha),
+        loss=ft.loss,
+    )
+
+
+def _flat(config: FinetuneConfig) -> dict[str, object]:
+    return {f"{s}.{k}": v for s, values in config.to_dict().items() for k, v in values.items()}
+
+
+def apply_finetune_config(preset: Preset, config: FinetuneConfig) -> Preset:
+    """The preset with its fine-tuning stage set from `config` (learning rates, steps, batch,
+    schedule, clipping, loss weights: PIPELINE_KEYS). A key outside them that differs from the
+    preset's defaults is refused (ConfigError, one line): the pipeline cannot honour it, and
+    silently ignoring it would mislabel the run."""
+    defaults, wanted = _flat(preset_defaults(preset)), _flat(config)
+    changed = [k for k in wanted if wanted[k] != defaults[k]]
+    one_lr = wanted["optim.lr_lora"] == wanted["optim.lr_m"]
+    refused = [k for k in changed if k not in PIPELINE_KEYS + (("optim.lr_lora",) * one_lr)]
+    if refused:
+        raise ConfigError(
+            f"the pipeline's fine-tuning stage cannot take {refused} (they apply to "
+            f"`attrspace finetune --data` runs; in the pipeline optim.lr_m is the lr of M and "
+            f"LoRA alike); it takes {list(PIPELINE_KEYS[:8])} and loss.*"
+        )
+    if not changed:
+        return preset
+    o, t = config.optim, config.train
+    finetune = TrainConfig(
+        steps=t.steps,
+        lr=o.lr_m,
+        weight_decay=o.weight_decay,
+        warmup=o.warmup,
+        final_lr_ratio=o.final_lr_ratio,
+        clip=o.clip,
+        batch_size=t.batch_size,
+        seed=preset.finetune.seed,
+        loss=config.loss,
+    )
+    return preset.replace(finetune=finetune, full_lr=o.lr_full)
 
 
 def get_preset(name: str) -> Preset:

@@ -15,9 +15,11 @@ from attrspace.pipeline import spread
 from attrspace.pipeline.cache import StageFileError, read_json, write_json_atomic
 from attrspace.pipeline.presets import Preset
 from attrspace.pipeline.report.document import write_report
-from attrspace.pipeline.stages.common import lora_stage, pretrain_stage, render_stage
 from attrspace.pipeline.stages.finetune import finetune_stage
+from attrspace.pipeline.stages.lora import lora_stage
 from attrspace.pipeline.stages.mining import mine_stage
+from attrspace.pipeline.stages.pretrain import pretrain_stage
+from attrspace.pipeline.stages.render import render_stage
 from attrspace.pipeline.study import study_stage
 from attrspace.pipeline.workspace import RUNS_FILE, RunInputError, Workspace, torch_threads
 from attrspace.util.folders import folder_lock
@@ -114,7 +116,28 @@ def run_stages(ws: Workspace, until: str = "finetune") -> dict:
     return out
 
 
-def record_run(ws: Workspace, command: str, started: float, load_before, wall: float) -> dict:
+def command_argv(argv: list[str] | None = None) -> list[str] | None:
+    """The command's arguments: `argv` when the caller knows them (the CLI passes its own), else
+    sys.argv[1:] when this process is the attrspace command (`attrspace ...`, `python -m attrspace`,
+    `torchrun -m attrspace`), else None (a script of the user's)."""
+    if argv is not None:
+        return list(argv)
+    first = Path(sys.argv[0])
+    if first.name == "attrspace" or (
+        first.name == "__main__.py" and first.parent.name == "attrspace"
+    ):
+        return sys.argv[1:]
+    return None
+
+
+def record_run(
+    ws: Workspace,
+    command: str,
+    started: float,
+    load_before,
+    wall: float,
+    argv: list[str] | None = None,
+) -> dict:
     """Append this invocation (wall time, machine, load, what ran) to OUT/runs.json."""
     path = ws.out / RUNS_FILE
     runs = []
@@ -132,7 +155,7 @@ def record_run(ws: Workspace, command: str, started: float, load_before, wall: f
             )
     entry = {
         "command": command,
-        "argv": sys.argv[1:] if Path(sys.argv[0]).name == "attrspace" else None,
+        "argv": command_argv(argv),
         "preset": ws.preset.name,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "wall_seconds": wall,
@@ -159,12 +182,14 @@ def run_pipeline(
     until: str = "finetune",
     report: bool = True,
     command: str = "run",
+    argv: list[str] | None = None,
 ) -> Workspace:
     """Run the pipeline into `out` (resuming from whatever is cached there), record the run and,
     after the last stage, write out/report.md. Returns the workspace (its events list what ran).
 
     Holds the run folder's lock throughout: a second process on the same folder gets
-    FolderBusyError naming the holder."""
+    FolderBusyError naming the holder. `argv`: the command line recorded in runs.json (default:
+    this process's, when it is the attrspace command)."""
     if not str(out).strip():
         raise RunInputError("the run folder must be named (got an empty path)")
     with spread.process_group():
@@ -178,7 +203,8 @@ def run_pipeline(
             run_stages(ws, until)
             if not leader:
                 return ws
-            entry = record_run(ws, command, started, load_before, time.perf_counter() - tick)
+            wall = time.perf_counter() - tick
+            entry = record_run(ws, command, started, load_before, wall, argv)
             if report and until == "finetune":
                 path = write_report(ws.out)
                 ws.say(f"report: {path}")

@@ -123,9 +123,15 @@ def claim(folder: Path) -> None:
 
 
 def run_spread(stage, *args):
-    """Run a spread stage on every rank: each rank's share, a barrier, then every rank reads all."""
+    """Run a spread stage on every rank: each rank's share, a barrier, then every rank reads all.
+
+    When the first argument is the run's Workspace, its log ends with each job once: "ran" for the
+    jobs any rank ran in this invocation, "cached" for the others (pass 2 finds every job cached;
+    the jobs the ranks ran are gathered first so that it records them as run)."""
     if world()[1] == 1:
         return stage(*args)
+    ws = args[0] if args and isinstance(getattr(args[0], "events", None), list) else None
+    mark = len(ws.events) if ws is not None else 0
     error = None
     try:
         with spreading():
@@ -133,8 +139,19 @@ def run_spread(stage, *args):
     except Exception as exc:  # every rank must reach the collective below
         error = exc
     broadcast_error(error)
+    if ws is not None:
+        ws.ran_elsewhere |= _all_ran(ws.events[mark:])
+        del ws.events[mark:]  # pass 2 records every job once
     with verifying():
         return stage(*args)
+
+
+def _all_ran(events: list[tuple[str, str]]) -> set[str]:
+    """The keys every rank logged as run in its share (collective)."""
+    mine = sorted(key for key, status in events if status == "ran")
+    gathered: list = [None] * world()[1]
+    dist.all_gather_object(gathered, mine)
+    return {key for keys in gathered for key in keys}
 
 
 def run_on_leader(stage, *args):

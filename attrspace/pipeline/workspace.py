@@ -110,6 +110,8 @@ class Workspace:
     loras_dir: Path | None = None
     progress: bool = True
     events: list[tuple[str, str]] = field(default_factory=list)
+    # Jobs another rank ran in this invocation (attrspace.pipeline.spread): found cached, but done now.
+    ran_elsewhere: set[str] = field(default_factory=set, repr=False)
     _scenes: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -168,6 +170,8 @@ class Workspace:
             print(message, flush=True)
 
     def record(self, key: str, status: str) -> None:
+        if status == "cached" and key in self.ran_elsewhere:
+            status = "ran"
         self.events.append((key, status))
         if status == "cached":
             self.say(f"  {key}: cached")

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attrspace.geometry import invert_extrinsics
 from attrspace.models.vggt.pose import extrinsics_to_pose_encoding, normalize_scene
 
 _HARD_MAX = 100.0
@@ -54,6 +55,7 @@ def camera_loss(
     weight_rot: float = 1.0,
     weight_fov: float = 0.5,
     min_valid_pixels: int = 100,
+    scale_free: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """L1 between predicted and ground-truth 9-D encodings, per refinement stage weighted by
     gamma^(stages - 1 - i) (the last stage weighs 1), averaged over stages.
@@ -62,6 +64,11 @@ def camera_loss(
     point_masks (B, S, H, W) bool: scenes whose frame 0 has <= min_valid_pixels valid pixels are
     left out. Every absolute error (translation, rotation, field of view) is clamped at 100 per
     element, as released (only the translation's can reach it in practice).
+    scale_free (B,) bool: scenes whose ground truth has no scale of its own (cameras without
+    depth). They are always included, and their translations are compared up to one scale per
+    scene and stage: the ground-truth translations are multiplied by the ratio of the predicted
+    to the ground-truth mean translation norm (detached, so it steers the direction and the
+    relative lengths of the translations, not the scale the network chose).
     Returns loss_camera = wT * loss_T + wR * loss_R + wFoV * loss_FL, and the three parts.
     """
     if not pose_enc_list:
@@ -71,10 +78,7 @@ def camera_loss(
         raise ValueError(
             f"ground truth encodes to {tuple(gt.shape)}, predictions are {tuple(pose_enc_list[-1].shape)}"
         )
-    if point_masks is None:
-        valid = torch.ones(gt.shape[0], dtype=torch.bool, device=gt.device)
-    else:
-        valid = point_masks[:, 0].flatten(1).sum(1) > min_valid_pixels
+    valid = camera_scenes(point_masks, min_valid_pixels, gt.shape[0], gt.device, scale_free)
     n = len(pose_enc_list)
     parts = {"loss_T": 0.0, "loss_R": 0.0, "loss_FL": 0.0}
     for i, pred in enumerate(pose_enc_list):
@@ -83,7 +87,10 @@ def camera_loss(
             for key in parts:
                 parts[key] = parts[key] + _zero_like_graph(pred)
             continue
-        diff = (pred[valid] - gt[valid].to(pred.dtype)).abs()
+        target = gt.to(pred.dtype)
+        if scale_free is not None and scale_free.any():
+            target = _align_translation_scale(pred, target, scale_free)
+        diff = (pred[valid] - target[valid]).abs()
         diff = _bound(diff)
         parts["loss_T"] = parts["loss_T"] + w * diff[..., :3].mean()
         parts["loss_R"] = parts["loss_R"] + w * diff[..., 3:7].mean()
@@ -93,6 +100,37 @@ def camera_loss(
         weight_trans * out["loss_T"] + weight_rot * out["loss_R"] + weight_fov * out["loss_FL"]
     )
     return out
+
+
+def camera_scenes(
+    point_masks: Tensor | None,
+    min_valid_pixels: int,
+    batch: int,
+    device,
+    scale_free: Tensor | None = None,
+) -> Tensor:
+    """(B,) bool: the scenes the camera loss uses: those whose frame 0 has more than
+    min_valid_pixels valid pixels (as released; all when point_masks is None), and every
+    scale-free (camera-only) scene."""
+    if point_masks is None:
+        valid = torch.ones(batch, dtype=torch.bool, device=device)
+    else:
+        valid = point_masks[:, 0].flatten(1).sum(1) > min_valid_pixels
+    if scale_free is not None:
+        valid = valid | scale_free.to(valid.device)
+    return valid
+
+
+def _align_translation_scale(pred: Tensor, gt: Tensor, scale_free: Tensor) -> Tensor:
+    """gt (B, S, 9) with the translations of `scale_free` scenes rescaled to the mean
+    translation norm of `pred` (detached); a scene whose ground truth does not move keeps 0."""
+    pred_norm = pred[..., :3].detach().norm(dim=-1).mean(-1)  # (B,)
+    gt_norm = gt[..., :3].norm(dim=-1).mean(-1)
+    ratio = torch.where(
+        gt_norm > 0, pred_norm / gt_norm.clamp(min=1e-12), torch.zeros_like(gt_norm)
+    )
+    ratio = torch.where(scale_free.to(ratio.device), ratio, torch.ones_like(ratio))
+    return torch.cat((gt[..., :3] * ratio[:, None, None], gt[..., 3:]), dim=-1)
 
 
 def filter_by_quantile(values: Tensor, quantile: float, min_elements: int = 1000) -> Tensor:
@@ -281,6 +319,89 @@ class LossConfig:
     min_valid_pixels: int = 100
 
 
+def _relative_to_first(extrinsics: Tensor) -> Tensor:
+    """(B, S, 3, 4) camera-from-world -> camera-from-camera-0 (frame 0 becomes the identity)."""
+    first_inv = invert_extrinsics(extrinsics[:, :1])
+    rot = extrinsics[..., :3, :3] @ first_inv[..., :3, :3]
+    t = extrinsics[..., :3, :3] @ first_inv[..., :3, 3:] + extrinsics[..., :3, 3:]
+    return torch.cat((rot, t), dim=-1)
+
+
+def _normalize_ground_truth(batch: dict, normalize: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> extrinsics, depths, world points in the frame the network predicts in, and the (B,)
+    bool of camera-only scenes (no valid pixel). Scenes with depth are normalised as released
+    (camera 0's frame, unit mean point distance); camera-only scenes get camera 0's frame, and
+    the camera loss compares their translations up to scale."""
+    masks = batch["point_masks"]
+    extrinsics, depths, points = batch["extrinsics"], batch["depths"], batch["world_points"]
+    camera_only = ~masks.flatten(1).any(1)
+    if not normalize:
+        return extrinsics, depths, points, camera_only
+    if not camera_only.any():
+        scene = normalize_scene(extrinsics, depths, points, masks)
+        return scene.extrinsics, scene.depths, scene.world_points, camera_only
+    extrinsics = _relative_to_first(extrinsics)
+    depths, points = depths.clone(), points.clone()
+    has = ~camera_only
+    if has.any():
+        scene = normalize_scene(
+            batch["extrinsics"][has], batch["depths"][has], batch["world_points"][has], masks[has]
+        )
+        extrinsics[has], depths[has], points[has] = (
+            scene.extrinsics,
+            scene.depths,
+            scene.world_points,
+        )
+    return extrinsics, depths, points, camera_only
+
+
+def scene_terms(
+    batch: dict, predictions: dict | None = None, config: LossConfig | None = None
+) -> list[tuple[str, ...]]:
+    """Which loss terms each scene of `batch` enters in `vggt_loss`, as names from ("camera",
+    "camera up to scale", "depth", "point"): a scene without any valid depth pixel trains on the
+    camera loss alone, with its translations compared up to scale; a scene whose frame 0 has too
+    few valid pixels (LossConfig.min_valid_pixels) has no camera term, as released.
+    predictions: the model's outputs, to leave out the heads it does not have (None: all)."""
+    cfg = LossConfig() if config is None else config
+    masks = batch["point_masks"]
+    camera_only = ~masks.flatten(1).any(1)
+    has_head = (lambda key: True) if predictions is None else (lambda key: key in predictions)
+    camera = camera_scenes(masks, cfg.min_valid_pixels, masks.shape[0], masks.device, camera_only)
+    dense = masks.sum() >= cfg.min_valid_pixels
+    out = []
+    for b in range(masks.shape[0]):
+        terms = []
+        if has_head("pose_enc_list") and camera[b]:
+            terms.append("camera up to scale" if camera_only[b] else "camera")
+        for key, name, weight in (
+            ("depth", "depth", cfg.depth_weight),
+            ("world_points", "point", cfg.point_weight),
+        ):
+            if has_head(key) and weight != 0 and dense and not camera_only[b]:
+                terms.append(name)
+        out.append(tuple(terms))
+    return out
+
+
+def _dense_terms(
+    predictions: dict, key: str, gt: Tensor, masks: Tensor, gradient, cfg: LossConfig
+) -> dict[str, Tensor]:
+    """conf, reg and grad of one dense head (zeros in the graph below min_valid_pixels)."""
+    if masks.sum() < cfg.min_valid_pixels:
+        return dict.fromkeys(("conf", "reg", "grad"), _zero_like_graph(predictions[key]))
+    return regression_loss(
+        predictions[key],
+        gt.to(predictions[key].dtype),
+        masks,
+        predictions[f"{key}_conf"],
+        gradient=gradient,
+        gamma=cfg.conf_gamma,
+        alpha=cfg.conf_alpha,
+        valid_range=cfg.valid_range,
+    )
+
+
 def vggt_loss(
     predictions: dict, batch: dict, config: LossConfig | None = None, *, normalize: bool = True
 ) -> dict[str, Tensor]:
@@ -289,6 +410,9 @@ def vggt_loss(
     batch: images (B, S, 3, H, W), depths (B, S, H, W), extrinsics (B, S, 3, 4), intrinsics
     (B, S, 3, 3), world_points (B, S, H, W, 3), point_masks (B, S, H, W) bool. normalize=True
     first expresses the ground truth in camera 0's frame at unit mean point distance.
+    Scenes without any valid depth pixel (cameras only) enter the camera loss alone, their
+    translations compared up to scale (see camera_loss's scale_free); `scene_terms` lists the
+    terms of every scene.
     Returns every part and "objective" = camera_weight * loss_camera + depth_weight * (conf + reg +
     grad of depth) + point_weight * (same for points).
     """
@@ -301,10 +425,7 @@ def vggt_loss(
     if missing:
         raise ValueError(f"batch lacks {missing}")
     masks = batch["point_masks"]
-    extrinsics, depths, points = batch["extrinsics"], batch["depths"], batch["world_points"]
-    if normalize:
-        scene = normalize_scene(extrinsics, depths, points, masks)
-        extrinsics, depths, points = scene.extrinsics, scene.depths, scene.world_points
+    extrinsics, depths, points, camera_only = _normalize_ground_truth(batch, normalize)
     image_hw = tuple(batch["images"].shape[-2:])
     out: dict[str, Tensor] = {}
     objective = 0.0
@@ -320,32 +441,19 @@ def vggt_loss(
             weight_rot=cfg.weight_rot,
             weight_fov=cfg.weight_fov,
             min_valid_pixels=cfg.min_valid_pixels,
+            scale_free=camera_only,
         )
         out.update(cam)
         objective = objective + cfg.camera_weight * cam["loss_camera"]
-    dense = (
+    for key, gt, weight, gradient in (
         ("depth", depths[..., None], cfg.depth_weight, cfg.depth_gradient),
         ("world_points", points, cfg.point_weight, cfg.point_gradient),
-    )
-    for key, gt, weight, gradient in dense:
+    ):
         if key not in predictions:
             continue
         name = "depth" if key == "depth" else "point"
-        if masks.sum() < cfg.min_valid_pixels:
-            parts = dict.fromkeys(("conf", "reg", "grad"), _zero_like_graph(predictions[key]))
-        else:
-            parts = regression_loss(
-                predictions[key],
-                gt.to(predictions[key].dtype),
-                masks,
-                predictions[f"{key}_conf"],
-                gradient=gradient,
-                gamma=cfg.conf_gamma,
-                alpha=cfg.conf_alpha,
-                valid_range=cfg.valid_range,
-            )
-        for part, value in parts.items():
-            out[f"loss_{part}_{name}"] = value
+        parts = _dense_terms(predictions, key, gt, masks, gradient, cfg)
+        out.update({f"loss_{part}_{name}": value for part, value in parts.items()})
         objective = objective + weight * (parts["conf"] + parts["reg"] + parts["grad"])
     if not out:
         raise ValueError("predictions hold no camera, depth or point output")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from attrspace.train.losses import LossConfig, vggt_loss
+from attrspace.train.losses import LossConfig, scene_terms, vggt_loss
 
 BATCH_KEYS = ("images", "depths", "extrinsics", "intrinsics", "world_points", "point_masks")
 
@@ -45,12 +45,15 @@ class TrainConfig:
 
 @dataclass
 class TrainLog:
-    """Loss per step, wall time and the median step time."""
+    """Loss per step, wall time, the median step time, and how often each composition of loss
+    terms was used by a scene in a step (e.g. {"camera+depth+point": 95, "camera up to scale": 5};
+    "none" for a scene no term used; see losses.scene_terms)."""
 
     losses: list[float]
     seconds: float
     step_ms: float
     trainable_params: int
+    scene_terms: dict[str, int] = field(default_factory=dict)
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -96,14 +99,18 @@ def train(
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, config))
     model.train()
-    losses, times = [], []
+    losses, times, composition = [], [], {}
     start = time.perf_counter()
     stream = batches(dataset, config.batch_size, config.seed)
     for step in range(config.steps):
         batch = {k: v.to(device) for k, v in next(stream).items()}
         tick = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss = vggt_loss(model(batch["images"]), batch, config.loss)["objective"]
+        predictions = model(batch["images"])
+        loss = vggt_loss(predictions, batch, config.loss)["objective"]
+        for terms in scene_terms(batch, predictions, config.loss):
+            key = "+".join(terms) or "none"
+            composition[key] = composition.get(key, 0) + 1
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at step {step}")
         loss.backward()
@@ -120,6 +127,7 @@ def train(
         seconds=time.perf_counter() - start,
         step_ms=1e3 * sorted(times)[len(times) // 2],
         trainable_params=sum(p.numel() for p in params),
+        scene_terms=composition,
     )
 
 

@@ -5,7 +5,7 @@ import json
 import sys
 from pathlib import Path
 
-from attrspace.pipeline import ranks, run_pipeline
+from attrspace.pipeline import run_pipeline, spread
 from attrspace.pipeline.presets import reduced_study
 
 if __name__ == "__main__":
@@ -15,16 +15,16 @@ if __name__ == "__main__":
 def jobs_stage(folder: Path, fail_on: int | None, idle_on: int | None) -> list[int]:
     """A spread stage of 4 jobs, each a file in `folder`; the rank `fail_on` raises in its share,
     the rank `idle_on` does none of its share (as if it had died without a word)."""
-    rank = ranks.world()[0]
+    rank = spread.world()[0]
     done = []
     for i in range(4):
-        if ranks.skip(i):
+        if spread.skip(i):
             continue
         path = folder / f"job{i}"
         if path.exists():
             done.append(i)
             continue
-        ranks.claim(path)
+        spread.claim(path)
         if rank == fail_on:
             raise RuntimeError(f"job {i} broke")
         if rank == idle_on:
@@ -42,7 +42,7 @@ def spread_worker(rank: int, world: int, folder: str, fail_on, idle_on) -> None:
         "gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world
     )
     try:
-        result = {"done": ranks.run_spread(jobs_stage, Path(folder), fail_on, idle_on)}
+        result = {"done": spread.run_spread(jobs_stage, Path(folder), fail_on, idle_on)}
     except Exception as exc:
         result = {"error": f"{type(exc).__name__}: {exc}"}
     finally:

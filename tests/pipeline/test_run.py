@@ -16,9 +16,11 @@ from attrspace import SubspaceBank, inject
 from attrspace.bank import BankFileError
 from attrspace.cli.main import main
 from attrspace.linalg import principal_cosines
+from attrspace.models.vggt import load_pretrained
 from attrspace.pipeline import StageFileError, Workspace, get_preset, run_pipeline, run_stages
-from attrspace.pipeline import stages as stages_module
 from attrspace.pipeline.cache import MARKER
+from attrspace.pipeline.stages import common as stages_module
+from attrspace.pipeline.stages import pretrain as pretrain_stage_module
 from attrspace.pipeline.stages.evaluate import HEADLINE
 from attrspace.pipeline.stages.mining import bank_path
 
@@ -92,6 +94,15 @@ def test_every_stage_writes_its_outputs(micro_run):
         assert "matplotlib is not installed" in report
     else:
         assert (out / "figures" / "spectra.png").is_file()
+
+
+def test_base_folder_loads_with_its_config(micro_run):
+    out, ws = micro_run
+    model, report = load_pretrained(out / "base")
+    assert report.ok and model.config == MICRO.model
+    base = ws.load_base()
+    for key, value in base.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value.cpu()), key
 
 
 def test_trainable_parameters_follow_the_method(micro_run):
@@ -273,7 +284,7 @@ def test_corrupt_outputs_are_detected_and_redone(micro_run, tmp_path, capsys):
     other = MICRO.replace(seed=1)
     ws = Workspace(run, other, progress=False)
     with pytest.raises(StageFileError, match="another configuration"):
-        ws.load_base(stages_module.base_digest(ws))
+        ws.load_base(pretrain_stage_module.base_digest(ws))
 
     (run / "mine" / MARKER).write_text("{not json")
     ws = Workspace(run, MICRO, progress=False)

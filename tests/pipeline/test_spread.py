@@ -96,10 +96,10 @@ def test_spread_jobs_and_failures_reach_every_rank(tmp_path, fail_on, idle_on, e
     import torch.multiprocessing as mp
 
     sys.path.insert(0, str(WORKER.parent))
-    import pipeline_ranks_worker
+    import spread_worker
 
     mp.start_processes(
-        pipeline_ranks_worker.spread_worker,
+        spread_worker.spread_worker,
         (2, str(tmp_path), fail_on, idle_on),
         nprocs=2,
         start_method="spawn",

@@ -171,8 +171,8 @@ def test_cli_bench_and_errors(capsys, tmp_path):
 def test_stage_digests_follow_the_seed_and_the_task_split(tmp_path, monkeypatch):
     """The random control bank derives from the preset's seed, and the task's train/test split shapes
     every fine-tuning result: both must change the digests, or a cache of other settings is reused."""
-    from attrspace.pipeline import finetune, mining
     from attrspace.pipeline.presets import get_preset
+    from attrspace.pipeline.stages import finetune, mining
     from attrspace.pipeline.workspace import Workspace
 
     monkeypatch.setattr(mining, "lora_files_digest", lambda folders: ["same LoRAs"])

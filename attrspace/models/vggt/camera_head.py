@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from attrspace.models.vggt.config import VGGTConfig
 from attrspace.models.vggt.layers import Block, Mlp, init_transformer_weights
@@ -30,6 +31,7 @@ class CameraHead(nn.Module):
         super().__init__()
         dim = 2 * config.embed_dim
         self.iterations = config.camera_iterations
+        self.gradient_checkpointing = config.gradient_checkpointing
         self.trunk = nn.Sequential(
             *(
                 Block(dim, config.camera_num_heads, mlp_ratio=config.mlp_ratio, init_values=0.01)
@@ -47,10 +49,20 @@ class CameraHead(nn.Module):
         init_transformer_weights(self)
 
     def forward(self, last_layer_tokens: Tensor, iterations: int | None = None) -> list[Tensor]:
+        """last_layer_tokens (B, S, P, 2C) in any float dtype (only the camera tokens are cast to
+        the head's dtype). With `gradient_checkpointing` (while gradients are recorded) the
+        refinement is recomputed in the backward pass and a training step keeps only the
+        (B, S, 2C) camera tokens (same outputs and gradients)."""
         iterations = self.iterations if iterations is None else iterations
         if iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {iterations}")
-        tokens = self.token_norm(last_layer_tokens[:, :, 0])  # (B, S, 2C)
+        camera_tokens = last_layer_tokens[:, :, 0].to(self.token_norm.weight.dtype)
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return list(checkpoint(self._refine, camera_tokens, iterations, use_reentrant=False))
+        return self._refine(camera_tokens, iterations)
+
+    def _refine(self, camera_tokens: Tensor, iterations: int) -> list[Tensor]:
+        tokens = self.token_norm(camera_tokens)  # (B, S, 2C)
         b, s, _ = tokens.shape
         raw = None
         outputs = []

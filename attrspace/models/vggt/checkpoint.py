@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from attrspace.models.vggt.config import CONFIG_FILE, VGGTConfig
+from attrspace.models.vggt.model import VGGT
 from attrspace.util.files import BadFileError, read_json, regular_file
 
 # Parts of the official model this package does not build; their keys are skipped when the model
@@ -385,3 +387,25 @@ def _assign(model: nn.Module, key: str, target: Tensor, tensor: Tensor, copy: bo
         owner.register_parameter(attr, nn.Parameter(value, requires_grad=target.requires_grad))
     else:
         owner.register_buffer(attr, value)
+
+
+def load_pretrained(
+    folder: str | os.PathLike, *, changes: dict | None = None, strict: bool = True
+) -> tuple[VGGT, LoadReport]:
+    """A model folder (config.json + model.safetensors, as `attrspace run` writes OUT/base/, or a
+    snapshot folder) -> (VGGT built from its config.json, the LoadReport).
+
+    The model is built on the meta device and receives the memory-mapped weights (no random
+    initialisation, no second copy). changes: VGGTConfig fields to override that do not change
+    shapes (e.g. {"gradient_checkpointing": True}). An official config.json (img_size,
+    patch_size, embed_dim only) builds the VGGT-1B sizes with those values."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: not a folder (a model folder holds {CONFIG_FILE})")
+    config = VGGTConfig.load(folder / CONFIG_FILE)
+    if changes:
+        config = config.replace(**changes)
+    with torch.device("meta"):
+        model = VGGT(config)
+    report = load_checkpoint(model, folder, strict=strict)
+    return model, report

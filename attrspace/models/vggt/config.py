@@ -8,7 +8,16 @@ on a CPU in milliseconds (tests) or seconds (demos).
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
+
+from attrspace.util.files import atomic_write_bytes
+
+CONFIG_FILE = "config.json"
+# Keys of the official constructor's config.json that this package has no field for: the track
+# head is not built here, so its switch is accepted and ignored.
+_IGNORED_OFFICIAL_KEYS = ("enable_track",)
 
 
 @dataclass(frozen=True)
@@ -52,7 +61,8 @@ class VGGTConfig:
     enable_depth: bool = True
     enable_point: bool = True
 
-    # Recompute each aggregator block in the backward pass instead of storing its activations.
+    # Recompute each aggregator block, the camera head and each frame chunk of the DPT heads in
+    # the backward pass instead of storing their activations (same outputs and gradients).
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
@@ -119,6 +129,54 @@ class VGGTConfig:
         """Index of the first patch token in an aggregator frame: camera token + registers."""
         return 1 + self.num_register_tokens
 
+    def to_dict(self) -> dict:
+        """Every field as JSON-ready values (tuples become lists)."""
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "config") -> VGGTConfig:
+        """The inverse of to_dict; also reads the official config.json (img_size, patch_size,
+        embed_dim, enable_*: the other sizes keep their VGGT-1B values). Unknown keys and values
+        of the wrong type are refused in one line naming `where`, the key and the valid keys."""
+        if not isinstance(values, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(values).__name__}")
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(defaults) - set(_IGNORED_OFFICIAL_KEYS))
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown keys {unknown}; valid keys: {', '.join(sorted(defaults))}"
+            )
+        changes = {}
+        for key, value in values.items():
+            if key in _IGNORED_OFFICIAL_KEYS:
+                continue
+            changes[key] = _typed(where, key, value, defaults[key])
+        try:
+            return cls(**changes)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from err
+
+    def save(self, path: str | Path) -> None:
+        """Write the config as JSON (the config.json beside a model.safetensors)."""
+        text = json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n"
+        atomic_write_bytes(Path(path), text.encode())
+
+    @classmethod
+    def load(cls, path: str | Path) -> VGGTConfig:
+        """Read a config.json written by save (or the official one, see from_dict)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / CONFIG_FILE
+        try:
+            values = json.loads(path.read_text())
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{path}: no model config (config.json) found") from err
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path}: not valid JSON: {err}") from err
+        return cls.from_dict(values, where=str(path))
+
     def replace(self, **changes) -> VGGTConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
@@ -168,3 +226,27 @@ class VGGTConfig:
         )
         base.update(changes)
         return cls(**base)
+
+
+def _typed(where: str, key: str, value, default):
+    """`value` checked against the type of the field's default (tuples given as lists)."""
+    if isinstance(default, tuple):
+        ok = isinstance(value, (list, tuple)) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        )
+        if ok:
+            return tuple(value)
+        want = "a list of ints"
+    elif isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        want = "true or false"
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        want = "an int"
+    else:  # float
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        want = "a number"
+    raise ValueError(f"{where}: {key} must be {want}, got {value!r}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from attrspace.models.vggt.config import VGGTConfig
 
@@ -91,6 +92,7 @@ class DPTHead(nn.Module):
         self.layers = tuple(config.dpt_layers)
         self.patch_start_idx = config.patch_start_idx
         self.frames_chunk = config.dpt_frames_chunk
+        self.gradient_checkpointing = config.gradient_checkpointing
         self.activation = activation
         self.norm = nn.LayerNorm(dim_in)
         self.projects = nn.ModuleList(nn.Conv2d(dim_in, c, 1) for c in oc)
@@ -130,13 +132,17 @@ class DPTHead(nn.Module):
         out = s.refinenet1(out, l1)
         return s.output_conv1(out)
 
-    def _forward_frames(self, layers: list[Tensor], h: int, w: int) -> tuple[Tensor, Tensor]:
-        """layers: 4 x (B, s, P, 2C) for a chunk of s frames -> (B, s, H, W, D - 1), (B, s, H, W)."""
+    def _forward_frames(self, h: int, w: int, *layers: Tensor) -> tuple[Tensor, Tensor]:
+        """layers: 4 x (B, s, P, 2C) for a chunk of s frames, in any float dtype (cast to the
+        head's here, so a checkpoint keeps the aggregator's tensors, not full-precision copies)
+        -> (B, s, H, W, D - 1), (B, s, H, W)."""
         b, s = layers[0].shape[:2]
         rows, cols = h // self.patch_size, w // self.patch_size
+        dtype = self.norm.weight.dtype
         maps = []
         for i, tokens in enumerate(layers):
-            x = self.norm(tokens[:, :, self.patch_start_idx :].reshape(b * s, rows * cols, -1))
+            patches = tokens[:, :, self.patch_start_idx :].to(dtype)
+            x = self.norm(patches.reshape(b * s, rows * cols, -1))
             x = x.transpose(1, 2).reshape(b * s, -1, rows, cols)
             x = self._with_uv(self.projects[i](x), w / h)
             maps.append(self.resize_layers[i](x))
@@ -153,7 +159,10 @@ class DPTHead(nn.Module):
 
     def forward(self, tokens: list, image_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
         """tokens: the aggregator's per-layer list; image_hw: (H, W) of the input images.
-        Frames go through in chunks of `dpt_frames_chunk` to bound activation memory."""
+        Frames go through in chunks of `dpt_frames_chunk` to bound activation memory. With
+        `gradient_checkpointing` (while gradients are recorded) each chunk is recomputed in the
+        backward pass: a training step keeps only the chunk's input tokens, and the backward holds
+        one chunk's activations at a time (same outputs and gradients)."""
         h, w = image_hw
         layers = [tokens[i] for i in self.layers]
         if any(t is None for t in layers):
@@ -162,7 +171,10 @@ class DPTHead(nn.Module):
         values, confs = [], []
         for start in range(0, s, self.frames_chunk):
             chunk = [t[:, start : start + self.frames_chunk] for t in layers]
-            v, c = self._forward_frames(chunk, h, w)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                v, c = checkpoint(self._forward_frames, h, w, *chunk, use_reentrant=False)
+            else:
+                v, c = self._forward_frames(h, w, *chunk)
             values.append(v)
             confs.append(c)
         return torch.cat(values, dim=1), torch.cat(confs, dim=1)

@@ -17,10 +17,6 @@ from attrspace.models.vggt.config import VGGTConfig
 from attrspace.models.vggt.dpt_head import DPTHead
 
 
-def _param_dtype(module: nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
-
-
 class VGGT(nn.Module):
     """forward(images) with images (S, 3, H, W) or (B, S, 3, H, W), RGB in [0, 1], H and W
     multiples of the patch size, returns a dict:
@@ -58,8 +54,11 @@ class VGGT(nn.Module):
         return tuple(sorted(layers))
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
-        """Recompute each aggregator block in the backward pass (also in eval mode)."""
-        self.aggregator.gradient_checkpointing = bool(enabled)
+        """Recompute each aggregator block, the camera head and each frame chunk of the DPT
+        heads in the backward pass (also in eval mode, whenever gradients are recorded)."""
+        for module in (self.aggregator, self.camera_head, self.depth_head, self.point_head):
+            if module is not None:
+                module.gradient_checkpointing = bool(enabled)
 
     def _check_images(self, images: Tensor) -> Tensor:
         if not isinstance(images, Tensor):
@@ -95,16 +94,13 @@ class VGGT(nn.Module):
         )
         with full_precision:
             if self.camera_head is not None:
-                last = tokens[-1].to(_param_dtype(self.camera_head))
-                poses = self.camera_head(last)
+                poses = self.camera_head(tokens[-1])  # casts the camera tokens to its dtype
                 out["pose_enc"] = poses[-1]
                 out["pose_enc_list"] = poses
             for key, head in (("depth", self.depth_head), ("world_points", self.point_head)):
                 if head is None:
                     continue
-                dtype = _param_dtype(head)
-                layers = [t.to(dtype) if t is not None else None for t in tokens]
-                values, conf = head(layers, (h, w))
+                values, conf = head(tokens, (h, w))  # casts each chunk to its dtype
                 out[key] = values
                 out[f"{key}_conf"] = conf
         if not self.training:

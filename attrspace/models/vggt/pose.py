@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attrspace.geometry import _check_last_dims, invert_extrinsics, unproject_depth
+from attrspace.geometry import check_last_dims, invert_extrinsics, unproject_depth
 
 
 def quaternion_to_matrix(quat: Tensor) -> Tensor:
     """(..., 4) quaternions [x, y, z, w] (need not be unit: divided by |q|^2) -> (..., 3, 3)."""
-    _check_last_dims("quat", quat, (4,))
+    check_last_dims("quat", quat, (4,))
     x, y, z, w = quat.unbind(-1)
     two_s = 2.0 / (quat * quat).sum(-1)
     rows = (
@@ -49,7 +49,7 @@ def matrix_to_quaternion(rot: Tensor) -> Tensor:
     the sign convention w >= 0 makes q jump to -q across it; functions of q that do not depend on
     its sign (q q^T, the rotation matrix) are smooth there.
     """
-    _check_last_dims("rot", rot, (3, 3))
+    check_last_dims("rot", rot, (3, 3))
     m = rot
     m00, m11, m22 = m[..., 0, 0], m[..., 1, 1], m[..., 2, 2]
     # 4 * squared magnitude of each component (w, x, y, z), from the diagonal.
@@ -98,8 +98,8 @@ def extrinsics_to_pose_encoding(
     extrinsics: Tensor, intrinsics: Tensor, image_hw: tuple[int, int]
 ) -> Tensor:
     """extrinsics (..., 3, 4) camera-from-world, intrinsics (..., 3, 3) -> (..., 9)."""
-    _check_last_dims("extrinsics", extrinsics, (3, 4))
-    _check_last_dims("intrinsics", intrinsics, (3, 3))
+    check_last_dims("extrinsics", extrinsics, (3, 4))
+    check_last_dims("intrinsics", intrinsics, (3, 3))
     h, w = _check_image_hw(image_hw)
     quat = matrix_to_quaternion(extrinsics[..., :3, :3])
     fov_h = 2 * torch.atan((h / 2) / intrinsics[..., 1, 1])
@@ -112,7 +112,7 @@ def pose_encoding_to_extrinsics(
 ) -> tuple[Tensor, Tensor]:
     """(..., 9) -> extrinsics (..., 3, 4) camera-from-world and intrinsics (..., 3, 3) with the
     principal point at (W / 2, H / 2)."""
-    _check_last_dims("pose_enc", pose_enc, (9,))
+    check_last_dims("pose_enc", pose_enc, (9,))
     h, w = _check_image_hw(image_hw)
     rot = quaternion_to_matrix(pose_enc[..., 3:7])
     extrinsics = torch.cat((rot, pose_enc[..., :3, None]), dim=-1)
@@ -167,7 +167,7 @@ def normalize_scene(
     extrinsics (B, S, 3, 4) camera-from-world, depths (B, S, H, W), world_points (B, S, H, W, 3),
     masks (B, S, H, W) bool of valid pixels.
     """
-    _check_last_dims("extrinsics", extrinsics, (3, 4))
+    check_last_dims("extrinsics", extrinsics, (3, 4))
     if extrinsics.ndim != 4:
         raise ValueError(f"extrinsics must be (B, S, 3, 4), got {tuple(extrinsics.shape)}")
     b, s = extrinsics.shape[:2]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 from attrspace.util.files import atomic_write_bytes
@@ -71,6 +72,53 @@ def spectra_figure(summary: dict, path: Path) -> Path:
     handles = [plt.Line2D([], [], color=colors[a], label=a) for a in attributes]
     fig.legend(handles=handles, loc="upper center", ncol=len(attributes), fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.94))
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def layer_group(name: str) -> tuple[str, str]:
+    """("blocks.*.attn.qkv", "3") for "blocks.3.attn.qkv": a layer's kind (its name with the first
+    number replaced) and its index; ("head", "") for a name without a number."""
+    match = re.search(r"(^|\.)(\d+)(\.|$)", name)
+    if match is None:
+        return name, ""
+    return name[: match.start(2)] + "*" + name[match.end(2) :], match.group(2)
+
+
+def spectra_by_kind_figure(summary: dict, path: Path, columns: int = 4) -> Path:
+    """Spectra of any model's layers: one panel per layer kind (`layer_group`), one line per layer
+    and attribute (normalised by its largest value); the dot marks the chosen rank d."""
+    plt = _pyplot()
+    attributes = summary["attributes"]
+    colors = dict(zip(attributes, _colors(len(attributes)), strict=False))
+    kinds = sorted({layer_group(name)[0] for name in summary["layers"]})
+    rows = -(-len(kinds) // columns)
+    width = min(columns, len(kinds))
+    fig, axes = plt.subplots(
+        rows, width, figsize=(3.5 * width, 3.0 * rows + 0.6), sharey=True, squeeze=False
+    )
+    for name, layer in summary["layers"].items():
+        index = kinds.index(layer_group(name)[0])
+        ax = axes[index // width][index % width]
+        for a, values in layer["spectra"].items():
+            top = max(values[0], 1e-30)
+            normed = [max(v / top, 1e-8) for v in values]
+            ax.semilogy(range(1, len(normed) + 1), normed, color=colors[a], lw=0.8, alpha=0.7)
+            d = layer["ranks"][a]
+            ax.plot([d], [normed[d - 1]], "o", color=colors[a], ms=3)
+    for index, ax in enumerate(axes.flat):
+        if index >= len(kinds):
+            ax.set_visible(False)
+            continue
+        ax.set_title(kinds[index], fontsize=8)
+        ax.grid(True, which="both", lw=0.3)
+        ax.set_xlabel("index", fontsize=8)
+    for row in axes:
+        row[0].set_ylabel("s_i / s_1")
+    handles = [plt.Line2D([], [], color=colors[a], label=a) for a in attributes]
+    fig.legend(handles=handles, loc="upper center", ncol=min(len(attributes), 6), fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (3.0 * rows + 0.6)))
     _save(fig, path)
     plt.close(fig)
     return path

@@ -1,2 +1,3 @@
-"""The cached stages of `attrspace run`: render, pretrain, train-lora (`common`), mine (`mining`),
-finetune (`finetune`) and the evaluation they share (`evaluate`)."""
+"""The cached stages of `attrspace run`, one module each: `render`, `pretrain`, `lora` (train-lora),
+`mining` (mine: the bank and the control banks), `finetune`; `evaluate` (the test metrics they
+share) and `common` (seeds, training jobs, digests)."""

@@ -1,37 +1,20 @@
-"""The stages before fine-tuning: render the families, pre-train the base model, train one LoRA per
-attribute dataset, mine the bank (and the control banks of the comparison).
+"""What the cached stages share: job seeds, the training job with its progress bar, the learning
+curve record, the render plan and the digests later stages chain on (docs/design.md §8).
 
 Each stage skips work whose marker holds the expected digest and whose outputs still match their
-checksums (see cache.py); digests chain, so a changed upstream configuration redoes everything that
-depends on it and nothing else. Each unit of work is written into a temporary folder that replaces
-its stage folder in one rename (cache.stage_output), marker included.
+checksums (pipeline/cache.py); digests chain, so a changed upstream configuration redoes everything
+that depends on it and nothing else. Each unit of work is written into a temporary folder that
+replaces its stage folder in one rename (cache.stage_output), marker included.
 """
 
 from __future__ import annotations
 
 import hashlib
-import time
-from dataclasses import replace
 from pathlib import Path
 
-import torch
-
-from attrspace.adapters.inject import inject_lora
-from attrspace.data import MIXED, write_family
-from attrspace.export.peft_folder import CONFIG_NAME, WEIGHTS_NAME, save_peft
-from attrspace.models.vggt.params import adaptation_targets
-from attrspace.pipeline import spread
-from attrspace.pipeline.cache import (
-    clear_marker,
-    digest,
-    file_sha256,
-    is_done,
-    stage_output,
-    write_json_atomic,
-    write_marker,
-)
-from attrspace.pipeline.stages.evaluate import error_terms
-from attrspace.pipeline.weights import save_weights
+from attrspace.data import MIXED
+from attrspace.export.peft_folder import CONFIG_NAME, WEIGHTS_NAME
+from attrspace.pipeline.cache import digest, file_sha256
 from attrspace.pipeline.workspace import Workspace
 from attrspace.train.trainer import TrainConfig, TrainLog, train
 
@@ -63,9 +46,6 @@ def curve(log: TrainLog) -> dict:
     }
 
 
-# -- render ---------------------------------------------------------------------------------------
-
-
 def family_plan(ws: Workspace) -> dict[str, tuple[int, int]]:
     """family -> (datasets, scenes per dataset) this run needs."""
     data = ws.preset.data
@@ -84,157 +64,6 @@ def data_digest(ws: Workspace, family: str) -> str:
     n, scenes = family_plan(ws)[family]
     data = ws.preset.data
     return digest("data", family, n, scenes, data.views, data.image_size, ws.preset.seed)
-
-
-def render_stage(ws: Workspace) -> dict[str, str]:
-    """Render every family of the plan into OUT/data/<family>/; returns family -> digest."""
-    out = {}
-    data = ws.preset.data
-    for family, (n, scenes) in family_plan(ws).items():
-        folder = ws.family_dir(family)
-        expected = data_digest(ws, family)
-        out[family] = expected
-        if is_done(folder, expected):
-            ws.record(f"data/{family}", "cached")
-            continue
-        clear_marker(folder)
-        start = time.perf_counter()
-        with ws.bar(n * scenes, f"render {family}") as bar, stage_output(folder) as tmp:
-            write_family(
-                tmp,
-                family,
-                n,
-                scenes,
-                data.views,
-                data.image_size,
-                ws.preset.seed,
-                on_scene=lambda: bar.update(1),
-                threads=ws.preset.threads or None,
-            )
-            seconds = time.perf_counter() - start
-            write_marker(tmp, "data", expected, seconds, family=family, scenes=n * scenes)
-        ws.record(f"data/{family}", "ran")
-    return out
-
-
-# -- pre-training ---------------------------------------------------------------------------------
-
-
-def base_digest(ws: Workspace) -> str:
-    if ws.preset.needs_checkpoint:
-        return digest("base-checkpoint", ws.checkpoint_identity(), ws.preset.model)
-    return digest(
-        "base", ws.preset.model, data_digest(ws, MIXED), ws.preset.pretrain, ws.preset.seed
-    )
-
-
-def pretrain_stage(ws: Workspace) -> str:
-    """Pre-train the model from scratch on the mixed family (OUT/base/), or take the checkpoint.
-    Returns the base digest."""
-    folder = ws.out / "base"
-    expected = base_digest(ws)
-    if is_done(folder, expected):
-        ws.record("base", "cached")
-        return expected
-    clear_marker(folder)
-    start = time.perf_counter()
-    if ws.preset.needs_checkpoint:
-        ws.load_base()  # validates every key and shape of the checkpoint once
-        write_marker(
-            folder, "base", expected, time.perf_counter() - start, checkpoint=str(ws.checkpoint)
-        )
-        ws.record("base", "ran")
-        return expected
-    scenes = ws.scenes(MIXED)
-    model = ws.new_model()
-    log = train_job(ws, model, scenes, ws.preset.pretrain, "pretrain")
-    errors = error_terms(model, scenes[:16], ws.device)
-    with stage_output(folder) as tmp:
-        save_weights(model, tmp / "model.safetensors", expected)
-        write_json_atomic(tmp / "curve.json", {**curve(log), "train_error": errors})
-        write_marker(
-            tmp,
-            "base",
-            expected,
-            time.perf_counter() - start,
-            steps=ws.preset.pretrain.steps,
-            scenes=len(scenes),
-            train_error=errors["error"],
-        )
-    ws.record("base", "ran")
-    return expected
-
-
-# -- attribute LoRAs ------------------------------------------------------------------------------
-
-
-def _external_loras(ws: Workspace) -> dict[str, list[Path]]:
-    """LoRA folders of a --loras DIR laid out as DIR/<attribute>/<dataset>/."""
-    found, missing = {}, []
-    for a in ws.preset.attributes:
-        root = ws.loras_dir / a
-        folders = sorted(p for p in root.glob("*") if (p / CONFIG_NAME).is_file())
-        if not folders:
-            missing.append(a)
-        found[a] = folders
-    if missing:
-        raise ValueError(
-            f"{ws.loras_dir}: no peft LoRA folders (<attribute>/<dataset>/{CONFIG_NAME}) for "
-            f"attributes {missing}"
-        )
-    return found
-
-
-def lora_stage(ws: Workspace, base: str) -> dict[str, list[Path]]:
-    """One LoRA ("paper-lora" targets: block linears and heads) per dataset of each attribute
-    family, saved in peft's layout under OUT/loras/<attribute>/<dataset>/ with curve.json; each is
-    its own cache unit, so an interrupted stage resumes LoRA by LoRA.
-    Returns attribute -> folders."""
-    if ws.loras_dir is not None:
-        return _external_loras(ws)
-    preset = ws.preset
-    folders: dict[str, list[Path]] = {}
-    jobs = 0
-    for a in preset.attributes:
-        folders[a] = []
-        family_digest = data_digest(ws, a)
-        for name in ws.dataset_names(a):
-            folder = ws.out / "loras" / a / name
-            folders[a].append(folder)
-            jobs += 1
-            if spread.skip(jobs - 1):  # another rank's job under torchrun
-                continue
-            seed = derived_seed(preset.seed, "lora", a, name)
-            expected = digest(
-                "lora",
-                base,
-                family_digest,
-                name,
-                preset.lora,
-                preset.lora_rank,
-                preset.lora_alpha,
-                seed,
-            )
-            if is_done(folder, expected):
-                ws.record(f"loras/{a}/{name}", "cached")
-                continue
-            spread.claim(folder)
-            clear_marker(folder)
-            start = time.perf_counter()
-            model = ws.load_base(base)
-            torch.manual_seed(seed)  # LoRA A init
-            targets = adaptation_targets(model, "paper-lora").lora
-            inject_lora(model, targets, preset.lora_rank, preset.lora_alpha)
-            config = replace(preset.lora, seed=seed)  # batch order
-            log = train_job(ws, model, ws.scenes(a, [name]), config, f"LoRA {name}")
-            with stage_output(folder) as tmp:
-                save_peft(
-                    model, tmp, base_model_name_or_path=f"attrspace-{preset.name}-{base[:12]}"
-                )
-                write_json_atomic(tmp / "curve.json", curve(log))
-                write_marker(tmp, "lora", expected, time.perf_counter() - start, dataset=name)
-            ws.record(f"loras/{a}/{name}", "ran")
-    return folders
 
 
 def lora_files_digest(folders: dict[str, list[Path]]) -> list:

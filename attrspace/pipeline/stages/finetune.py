@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from attrspace.adapters.inject import inject, inject_lora
 from attrspace.bank import SubspaceBank
+from attrspace.export.writers import export_peft
 from attrspace.measure.profiling import saved_activation_bytes
 from attrspace.models.vggt.params import adaptation_targets
 from attrspace.pipeline import spread
@@ -33,15 +35,22 @@ from attrspace.pipeline.cache import (
     write_json_atomic,
     write_marker,
 )
-from attrspace.pipeline.presets import Preset
+from attrspace.pipeline.presets import Preset, preset_defaults
 from attrspace.pipeline.stages.common import curve, data_digest, derived_seed, train_job
 from attrspace.pipeline.stages.evaluate import error_terms, test_metrics
 from attrspace.pipeline.stages.mining import bank_path
 from attrspace.pipeline.workspace import Workspace
+from attrspace.train.config import save_config
 from attrspace.train.losses import vggt_loss
 from attrspace.train.trainer import TrainConfig, collate
+from attrspace.util.files import atomic_save_safetensors
 
 BANK_METHODS = ("subspace", "psv", "random", "single")
+ADAPTER_DIR = "adapter"
+TRAINED_FILE = "trained.safetensors"
+# Part of every trained method's digest: folders cached before the weights were saved (metrics
+# and curves only) are redone once.
+OUTPUTS = "weights+adapter"
 
 
 def training_config(preset: Preset, method: str) -> TrainConfig:
@@ -81,6 +90,22 @@ def prepare(model: nn.Module, method: str, ws: Workspace) -> dict:
     raise ValueError(f"method {method!r} cannot be prepared for training")
 
 
+def save_trained(model: nn.Module, folder: Path, method: str, ws: Workspace) -> None:
+    """What a method trained, in `folder`: adapter/ (a plain peft folder; adapter methods),
+    trained.safetensors (every trained tensor by parameter name: M, LoRA factors, or the full
+    method's parameters) and config.toml (the fine-tuning setting, as `attrspace config` prints
+    it)."""
+    if method != "full":
+        export_peft(
+            model, folder / ADAPTER_DIR, base_model_name_or_path=f"attrspace-{ws.preset.name}"
+        )
+    tensors = {
+        n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad
+    }
+    atomic_save_safetensors(tensors, {"method": method}, folder / TRAINED_FILE)
+    save_config(preset_defaults(ws.preset), folder / "config.toml", header=f"{method} settings")
+
+
 def _activation_bytes(model: nn.Module, scenes: list[dict], batch_size: int, device) -> int:
     """Bytes autograd saves for the backward of one training step (model weights excluded)."""
     batch = {k: v.to(device) for k, v in collate(scenes[:batch_size]).items()}
@@ -97,8 +122,10 @@ def run_method(
     method: str,
     train_scenes: list[dict],
     test_scenes: list[dict],
+    folder: Path,
 ) -> dict:
-    """Fine-tune (unless zero-shot) and evaluate one method on one task -> the metrics record."""
+    """Fine-tune (unless zero-shot) and evaluate one method on one task -> the metrics record;
+    a trained method's weights go into `folder` (save_trained)."""
     preset, device = ws.preset, ws.device
     # Every method sees the same batches in the same order; only the adapter init seed differs.
     data_seed = derived_seed(preset.seed, "finetune", task)
@@ -120,6 +147,7 @@ def run_method(
             record.update(status="diverged", error=str(exc))
             return record
         record["curve"] = curve(log)
+        save_trained(model, folder, method, ws)
         record.update(
             trainable_params=log.trainable_params, step_ms=log.step_ms, train_seconds=log.seconds
         )
@@ -149,6 +177,7 @@ def method_digest(ws: Workspace, base: str, mine: str | None, task: str, method:
     if method in BANK_METHODS:
         bank = (mine, file_sha256(bank_path(ws.out, method)))
     training = (
+        OUTPUTS,
         training_config(preset, method),
         preset.lora_rank if method != "full" else None,
         preset.lora_alpha if method != "full" else None,
@@ -187,7 +216,7 @@ def finetune_stage(ws: Workspace, base: str, mine: str | None) -> dict[str, dict
             spread.claim(folder)
             clear_marker(folder)
             start = time.perf_counter()
-            record = run_method(ws, base, task, method, train_scenes, test_scenes)
+            record = run_method(ws, base, task, method, train_scenes, test_scenes, folder)
             curve_data = record.pop("curve", None)
             if curve_data is not None:
                 write_json_atomic(folder / "curve.json", curve_data)

@@ -369,7 +369,7 @@ def test_injected_adapters_start_identical_and_train_alone(kind):
         attrspace.inject_lora(model, targets=targets, rank=4, alpha=8)
         lr = 3e-3
     else:
-        attrspace.adapters.inject(
+        attrspace.inject(
             model, _random_bank(model, adaptation_targets(model, "paper-subspace").subspace, 8)
         )
         lr = 1e-2

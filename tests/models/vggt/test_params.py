@@ -105,5 +105,5 @@ def test_analytic_counts_match_real_injection():
             V=torch.linalg.qr(torch.randn(linear.in_features, 3))[0],
             column_attribute=torch.zeros(3, dtype=torch.int64),
         )
-    report = attrspace.adapters.inject(model, attrspace.SubspaceBank(layers=layers))
+    report = attrspace.inject(model, attrspace.SubspaceBank(layers=layers))
     assert report.trainable_params == len(sub.subspace) * 9
