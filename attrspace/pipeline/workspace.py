@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from attrspace.backends.registry import ENV_FORCE, check_forced_name
 from attrspace.data import MultiViewDataset, read_manifest
+from attrspace.export.peft_folder import CONFIG_NAME, AdapterFileError, load_peft
 from attrspace.models.vggt.checkpoint import load_checkpoint
 from attrspace.models.vggt.model import VGGT
 from attrspace.pipeline.cache import MARKER, StageFileError, digest
@@ -44,8 +45,6 @@ def check_loras_dir(loras_dir: Path, preset: Preset) -> None:
     of the preset, each one readable (config and weights agree) and fitting the preset's model
     (every layer a Linear or Conv2d of it, of its shape). RunInputError naming the folder and
     layer otherwise: the mining stage would find out only after rendering and pre-training."""
-    from attrspace.export.peft_folder import CONFIG_NAME, AdapterFileError, load_peft
-
     folders = {
         a: sorted(p for p in (loras_dir / a).glob("*") if (p / CONFIG_NAME).is_file())
         for a in preset.attributes
