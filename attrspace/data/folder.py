@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attrspace.data.storage import make_sample
-from attrspace.util.files import atomic_write_bytes
+from attrspace.util.files import BadFileError, atomic_write_bytes, read_json
 from attrspace.util.folders import staged_folder
 
 FORMAT = "attrspace-scene"
@@ -132,12 +132,12 @@ def read_cameras(folder: str | Path) -> list[dict]:
     absent), intrinsics (3, 3) and extrinsics (3, 4) float64 arrays."""
     folder = Path(folder)
     path = folder / CAMERAS
-    if not path.is_file():
+    if not path.exists():  # not is_file(): a FIFO is said to be one by the reader
         raise SceneFormatError(f"{path}: not found (a scene folder holds {CAMERAS})")
     try:
-        doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SceneFormatError(f"{path}: not valid JSON: {exc}") from exc
+        doc = read_json(path)  # the bounded reader: a FIFO or a device is refused, not read
+    except BadFileError as exc:
+        raise SceneFormatError(str(exc)) from None
     if not isinstance(doc, dict):
         _fail(path, "top level", "must be a JSON object")
     missing, unknown = _TOP_KEYS - set(doc), set(doc) - _TOP_KEYS - _OPTIONAL_TOP

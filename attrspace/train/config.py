@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from attrspace.train.losses import LossConfig
-from attrspace.util.files import atomic_write_bytes
+from attrspace.util.files import BadFileError, atomic_write_bytes, read_text
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -246,8 +246,10 @@ def read_config_file(path: str | Path) -> dict:
     if path.suffix not in (".toml", ".yaml", ".yml"):
         raise ConfigError(f"{path}: a config file ends in .toml, .yaml or .yml")
     try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
+        text = read_text(path)  # the bounded reader: a FIFO or a device is refused, not read
+    except BadFileError as exc:
+        raise ConfigError(str(exc)) from None
+    except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc})") from None
     if path.suffix == ".toml":
         try:

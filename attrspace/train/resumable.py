@@ -30,7 +30,7 @@ from attrspace.data.folder import hash_seed
 from attrspace.train.config import FinetuneConfig
 from attrspace.train.losses import vggt_loss
 from attrspace.train.trainer import collate, evaluate_loss
-from attrspace.util.files import atomic_save_safetensors, read_safetensors
+from attrspace.util.files import atomic_save_safetensors, parse_json, read_safetensors
 
 STATE_KEY = "attrspace_finetune_state"
 STATE_VERSION = 1
@@ -154,7 +154,7 @@ def save_state(
 def _state_meta(path: Path, digest: str) -> tuple[dict[str, Tensor], dict]:
     try:
         tensors, metadata = read_safetensors(Path(path))
-        meta = json.loads(metadata[STATE_KEY])
+        meta = parse_json(metadata[STATE_KEY], "its metadata")  # nesting bounded
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise StateFileError(f"{path}: not a resumable state ({exc})") from None
     if meta.get("version") != STATE_VERSION or not isinstance(meta.get("step"), int):

@@ -225,16 +225,17 @@ def _check_config(model: nn.Module, config_path: Path) -> None:
 
 
 def _open_folder(model: nn.Module, folder: Path):
-    """The weights of a snapshot folder, checked against its config.json when there is one."""
-    if (folder / "config.json").is_file():
+    """The weights of a snapshot folder, checked against its config.json when there is one.
+    exists(), not is_file(): a FIFO or a device in a file's place is named by the reader."""
+    if (folder / "config.json").exists():
         _check_config(model, folder / "config.json")
-    if (folder / _SINGLE).is_file():  # what PyTorchModelHubMixin writes and reads
+    if (folder / _SINGLE).exists():  # what PyTorchModelHubMixin writes and reads
         source = _Source(str(folder / _SINGLE))
         return source, [source.path]
-    if (folder / _INDEX).is_file():
+    if (folder / _INDEX).exists():
         source = _ShardedSource(folder / _INDEX)
         return source, source.files
-    if (folder / _TORCH).is_file():
+    if (folder / _TORCH).exists():
         source = _Source(str(folder / _TORCH))
         return source, [source.path]
     raise FileNotFoundError(
@@ -289,7 +290,7 @@ def _open_source(
         raise ValueError(f"revision={revision!r} applies to hub ids only, not to {given}")
     if where.is_dir():
         weights, files = _open_folder(model, where)
-    elif where.is_file():
+    elif where.exists():  # a FIFO or a device is refused by _Source, saying what it is
         weights = _Source(str(where))
         files = [weights.path]
     else:

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from attrspace.util.files import atomic_write_bytes
+from attrspace.util.files import atomic_write_bytes, read_json
 
 CONFIG_FILE = "config.json"
 # Keys of the official constructor's config.json that this package has no field for: the track
@@ -170,11 +170,9 @@ class VGGTConfig:
         if path.is_dir():
             path = path / CONFIG_FILE
         try:
-            values = json.loads(path.read_text())
+            values = read_json(path)  # the bounded reader (BadFileError: a ValueError)
         except FileNotFoundError as err:
             raise FileNotFoundError(f"{path}: no model config (config.json) found") from err
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path}: not valid JSON: {err}") from err
         return cls.from_dict(values, where=str(path))
 
     def replace(self, **changes) -> VGGTConfig:
