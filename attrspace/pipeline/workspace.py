@@ -14,7 +14,6 @@ from safetensors import safe_open
 
 from attrspace.backends.registry import ENV_FORCE, check_forced_name
 from attrspace.data import MultiViewDataset, read_manifest
-from attrspace.export.peft_folder import CONFIG_NAME, AdapterFileError, load_peft
 from attrspace.models.vggt.checkpoint import load_checkpoint
 from attrspace.models.vggt.model import VGGT
 from attrspace.pipeline.cache import MARKER, StageFileError, digest
@@ -38,43 +37,6 @@ def check_environment() -> None:
         check_forced_name(os.environ.get(ENV_FORCE))
     except ValueError as exc:
         raise RunInputError(str(exc)) from None
-
-
-def check_loras_dir(loras_dir: Path, preset: Preset) -> None:
-    """--loras DIR before any work: a peft folder DIR/<attribute>/<dataset>/ for every attribute
-    of the preset, each one readable (config and weights agree) and fitting the preset's model
-    (every layer a Linear or Conv2d of it, of its shape). RunInputError naming the folder and
-    layer otherwise: the mining stage would find out only after rendering and pre-training."""
-    folders = {
-        a: sorted(p for p in (loras_dir / a).glob("*") if (p / CONFIG_NAME).is_file())
-        for a in preset.attributes
-    }
-    missing = [a for a, found in folders.items() if not found]
-    if missing:
-        raise RunInputError(
-            f"--loras {loras_dir}: no peft LoRA folders ({loras_dir}/<attribute>/<dataset>/"
-            f"{CONFIG_NAME}) for attributes {missing}"
-        )
-    with torch.device("meta"):  # names and shapes only
-        model = VGGT(preset.model)
-    layers = {
-        n: m.weight.shape
-        for n, m in model.named_modules()
-        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
-    }
-    for folder in (f for found in folders.values() for f in found):
-        try:
-            factors = load_peft(folder)
-        except AdapterFileError as exc:
-            raise RunInputError(f"--loras: {exc}") from None
-        for name, f in sorted(factors.items()):
-            shape = layers.get(name)
-            if shape is None or f.A.shape[1:] != shape[1:] or f.B.shape[0] != shape[0]:
-                what = "no such layer" if shape is None else f"weight {tuple(shape)}"
-                raise RunInputError(
-                    f"--loras {folder}: layer {name}: A {tuple(f.A.shape)}, B {tuple(f.B.shape)} "
-                    f"do not fit the {preset.name} model ({what}); LoRAs of another model?"
-                )
 
 
 def check_run_folder(out: str | os.PathLike) -> Path:
@@ -129,7 +91,6 @@ class Workspace:
             self.loras_dir = Path(self.loras_dir)
             if not self.loras_dir.is_dir():
                 raise RunInputError(f"LoRA folder not found: {self.loras_dir}")
-            check_loras_dir(self.loras_dir, self.preset)
         self.device  # noqa: B018 -- a preset that needs CUDA fails here, before any work
 
     # -- device and progress ----------------------------------------------------------------------

@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -333,31 +332,3 @@ def test_redo_hints_quote_paths_for_the_shell(finished, tmp_path):
     assert shlex.split(hint)[-1] == str(run)  # one word, as a shell reads it
     ws = Workspace(run, MICRO, progress=False)
     assert shlex.split(ws.redo_command("pretrain"))[-1] == str(run)
-
-
-@pytest.mark.parametrize("fault", ["attribute missing", "another model", "unreadable"])
-def test_wrong_loras_are_refused_before_any_stage(finished, tmp_path, capsys, fault):
-    from attrspace.export.peft_folder import CONFIG_NAME, WEIGHTS_NAME
-
-    external = _copy(finished / "loras", tmp_path / "external")
-    folder = external / "camera" / "camera_01"
-    if fault == "attribute missing":  # DIR/<dataset>/ without the attribute level
-        shutil.rmtree(external / "camera")
-        expected = "no peft LoRA folders"
-    elif fault == "another model":  # a wider layer than the micro model has
-        from safetensors.torch import load_file, save_file
-
-        tensors = load_file(str(folder / WEIGHTS_NAME))
-        key = next(k for k in sorted(tensors) if k.endswith("lora_A.weight"))
-        tensors[key] = torch.cat([tensors[key], tensors[key]], dim=1)
-        save_file(tensors, str(folder / WEIGHTS_NAME))
-        layer = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-        expected = f"{folder}: layer {layer}: .* do not fit the micro model"
-    else:
-        (folder / CONFIG_NAME).write_text("{")
-        expected = f"{folder / CONFIG_NAME}: not valid JSON"
-    run = tmp_path / "run"
-    argv = ["mine", "--preset", "micro", "--out", str(run), "--loras", str(external), "--quiet"]
-    line = _one_line(capsys, argv)
-    assert line.startswith("attrspace mine: error: --loras") and re.search(expected, line), line
-    assert not run.exists()  # nothing rendered or pre-trained first
