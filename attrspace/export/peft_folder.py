@@ -283,6 +283,9 @@ def _read_config(path: Path) -> dict:
     try:
         config = parse_json(read_text(path, limit=_CONFIG_LIMIT), str(path))
     except BadFileError as exc:
+        if isinstance(exc.__cause__, json.JSONDecodeError):
+            cause = exc.__cause__
+            raise AdapterFileError(f"{path}: the adapter config is not JSON ({cause})") from None
         raise AdapterFileError(str(exc)) from None
     except OSError as exc:
         raise AdapterFileError(f"{path}: cannot read the adapter config ({exc})") from exc

@@ -214,7 +214,7 @@ def test_bad_config_values(tmp_path, config, message):
     [
         (b"[1, 2]", "must be a JSON object, got a list"),
         (b'{"peft_type": "LORA", "r": 2, \xff}', "not UTF-8 text"),
-        (b"{peft_type: LORA", "not valid JSON"),
+        (b"{peft_type: LORA", "not JSON"),
     ],
     ids=["list", "not-utf8", "not-json"],
 )
