@@ -20,6 +20,9 @@ import triton
 # Read once, like @triton.jit itself reads it when the kernels are decorated (style.md 6.2): a later
 # change of the variable does not turn already-decorated kernels into interpreted ones.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# ATTRSPACE_TRITON_CONFIGS=one: the autotuner keeps only the first config that fits (bench/gpu_check.sh
+# runs the GPU tests so, where every ragged test shape would otherwise compile and time every config).
+ONE_CONFIG = os.environ.get("ATTRSPACE_TRITON_CONFIGS", "all") == "one"
 
 # The autotuner keys on the problem's (R, N, K_PAD, T_BUCKET) and the tensor dtypes.
 AUTOTUNE_KEY = ["R", "N", "K_PAD", "T_BUCKET"]
@@ -69,7 +72,7 @@ def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
     """Autotuner hook: configs_for the arguments' dtype and device."""
     a = named_args["a_ptr"]
     capability = torch.cuda.get_device_capability(a.device) if a.is_cuda else (9, 0)
-    keep = configs_for(a.dtype, capability)
+    keep = configs_for(a.dtype, capability)[: 1 if ONE_CONFIG else None]
     return [c for c in configs if c in keep] or configs[-1:]
 
 
