@@ -35,8 +35,13 @@ class SubspaceLinearFn(torch.autograd.Function):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, d_in).contiguous()
         acc = accum_dtype(x.dtype)
-        P = scale * (U.to(acc) @ M.to(acc))
-        y, z = impl.forward(x2, weight, bias, V, P)
+        # A backend with whole-layer entry points forms P (and Q, and reduces dM) inside its launches.
+        ctx.factored = hasattr(impl, "forward_factored") and acc == torch.float32
+        if ctx.factored:
+            y, z = impl.forward_factored(x2, weight, bias, U, V, M.to(acc), scale)
+        else:
+            P = scale * (U.to(acc) @ M.to(acc))
+            y, z = impl.forward(x2, weight, bias, V, P)
         ctx.save_for_backward(z, weight, U, V, M)
         ctx.scale = scale
         ctx.backend = backend
@@ -50,6 +55,11 @@ class SubspaceLinearFn(torch.autograd.Function):
         dy2 = dy.reshape(-1, weight.shape[0]).contiguous()
         acc = accum_dtype(dy.dtype)
         dx = dm = None
+        if ctx.factored:
+            impl = backends.implementation(ctx.backend)
+            dx, dm = impl.backward_factored(dy2, weight, U, V, M.to(acc), z, ctx.scale, need_dx)
+            dx = dx.reshape(ctx.x_shape) if need_dx else None
+            return dx, None, None, None, None, dm.to(M.dtype) if need_dm else None, None, None
         if need_dx:
             Q = ctx.scale * (V.to(acc) @ M.to(acc).t())
             dx, g = backends.implementation(ctx.backend).backward(dy2, weight, U, Q, True)

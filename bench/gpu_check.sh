@@ -149,8 +149,8 @@ run_timings() { "$PY" "$ROOT/bench/gpu_check.py" timings "$RESULTS/timings.json"
 
 run_svd() { "$PY" "$ROOT/bench/gpu_check.py" svd "$RESULTS/svd.json"; }
 
-GPU_TESTS="tests/test_triton.py tests/test_cuda_backend.py tests/test_torch_backend.py
-  tests/test_functional.py"
+GPU_TESTS="tests/test_triton.py tests/kernels/test_factored_launches.py tests/test_cuda_backend.py
+  tests/test_torch_backend.py tests/test_functional.py"
 export GPU_TESTS
 run_tests() {
   cd "$ROOT" || return 2

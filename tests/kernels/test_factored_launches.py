@@ -1,0 +1,74 @@
+"""The one-launch entry points of the Triton kernels (P / Q formed by the launch's first programs, dM
+reduced inside the backward, the schedule left at zero for the next launch) against float64 on
+fresh random ragged shapes, under the interpreter (fp32, fp16) or on a GPU (bf16 too)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attrspace import reference
+from attrspace.testing import assert_close, layer_inputs
+
+kernels = pytest.importorskip("attrspace.kernels.subspace_linear")
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+
+
+def _random_shape(seed: int) -> tuple[int, int, int, int]:
+    g = torch.Generator().manual_seed(seed)
+    T, d_in, d_out = (int(v) for v in torch.randint(1, 90, (3,), generator=g))
+    K = int(torch.randint(1, 40, (1,), generator=g))
+    return T, d_in + 8, d_out + 8, min(K, d_in + 8, d_out + 8)  # orthonormal bases: K <= d
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("seed", [11, 12])
+def test_factored_forward_and_backward_match_float64(dtype, seed):
+    T, d_in, d_out, K = _random_shape(seed + 100 * DTYPES.index(dtype))
+    t = layer_inputs(T, d_in, d_out, K, dtype=dtype, device=DEVICE, seed=seed)
+    M, s = t["M"].float(), 1.3
+    nan = float("nan")
+    y, z = kernels.subspace_linear_forward_factored(
+        t["x"], t["weight"], t["bias"], t["U"], t["V"], M, s,
+        out=torch.full((T, d_out), nan, dtype=dtype, device=DEVICE),
+        z_out=torch.full((T, K), nan, dtype=dtype, device=DEVICE),
+    )  # fmt: skip
+    x64, w64, b64, U64, V64 = (t[n].double() for n in ("x", "weight", "bias", "U", "V"))
+    P64, Q64 = s * U64 @ M.double(), s * V64 @ M.double().t()
+    y64, z64 = reference.forward(x64, w64, b64, V64, P64)
+    assert_close(z, z64, dtype, "z")
+    assert_close(y, y64, dtype, "y")
+    dy = torch.randn(T, d_out, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
+    for need_dx in (True, False):
+        dx, g, dm = kernels.subspace_linear_backward_factored(
+            dy, t["weight"], t["U"], t["V"], M, z, s, need_dx
+        )
+        dx64, g64 = reference.backward(dy.double(), w64, U64, Q64, True)
+        assert_close(g, g64, torch.float32, "g")
+        # dM from the kernel's own z (what the layer saves) and g in float64
+        assert_close(
+            dm, s * g64.t() @ z.double(), torch.float32 if dtype == torch.float32 else dtype, "dM"
+        )
+        assert (dx is None) != need_dx
+        if need_dx:
+            assert_close(dx, dx64, dtype, "dx")
+    # every launch left its schedule at zero, so the next one needs no memset
+    assert all(int(b.abs().sum()) == 0 for b in kernels._SCHEDULES.values())
+
+
+def test_factored_entry_points_name_bad_arguments():
+    t = layer_inputs(9, 16, 12, 4, device=DEVICE, seed=1)
+    with pytest.raises(TypeError, match=r"M must be torch\.float32"):
+        kernels.subspace_linear_forward_factored(
+            t["x"], t["weight"], None, t["U"], t["V"], t["M"].double(), 1.0
+        )
+    with pytest.raises(ValueError, match="z must have shape"):
+        kernels.subspace_linear_backward_factored(
+            t["x"][:, :12], t["weight"], t["U"], t["V"], t["M"], t["x"][:3, :4], 1.0
+        )
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        kernels.subspace_linear_forward_factored(
+            t["x"], t["weight"], None, t["U"], t["V"], t["M"], float("nan")
+        )
