@@ -19,6 +19,7 @@ from __future__ import annotations
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
@@ -124,3 +125,37 @@ def backward_concat(
             wq = buf[:, :d_in]
         dx = torch.cat((dy, g), dim=1) @ wq
     return dx, g.float()
+
+
+def forward_factored(
+    x: Tensor, weight: Tensor, bias: Tensor | None, U: Tensor, V: Tensor, M: Tensor, scale: float
+) -> tuple[Tensor, Tensor]:
+    """forward() from the factors (M in fp32, fp64 for fp64): in fp32 / fp64 the scale goes into the
+    fold W + s (U M) V^T, so a step costs fewer ops (host time at small shapes)."""
+    if x.dtype in _LOW_PRECISION:
+        return forward(x, weight, bias, V, torch.mm(U.to(M.dtype), M).mul_(scale))
+    w_eff = torch.addmm(
+        weight, torch.mm(U, M if M.dtype == x.dtype else M.to(x.dtype)), V.t(), alpha=scale
+    )
+    return F.linear(x, w_eff, bias), torch.mm(x, V)
+
+
+def backward_factored(
+    dy: Tensor, weight: Tensor, U: Tensor, V: Tensor, M: Tensor, z: Tensor, scale: float,
+    need_dx: bool,
+) -> tuple[Tensor | None, Tensor]:  # fmt: skip
+    """dx (None unless need_dx) and dM = s g^T z in M's dtype: dx = dy (W + s U M V^T) with the
+    forward's fold recomputed (not saved: it is W-sized)."""
+    if dy.dtype in _LOW_PRECISION:
+        Q = torch.mm(V.to(M.dtype), M.t()).mul_(scale) if need_dx else None
+        dx, g = (
+            backward(dy, weight, U, Q, True) if need_dx else (None, dy.to(M.dtype) @ U.to(M.dtype))
+        )
+    else:
+        g = torch.mm(dy, U)
+        dx = None
+        if need_dx:
+            UM = torch.mm(U, M if M.dtype == dy.dtype else M.to(dy.dtype))
+            dx = torch.mm(dy, torch.addmm(weight, UM, V.t(), alpha=scale))
+    dm = torch.mm(g.t(), z if z.dtype == g.dtype else z.to(g.dtype)).mul_(scale)
+    return dx, dm if dm.dtype == M.dtype else dm.to(M.dtype)

@@ -140,13 +140,22 @@ def test_cuda_backend_launches(monkeypatch):
     _step("cuda", torch.bfloat16, None)
     phases = _step("cuda", torch.bfloat16, counter)
     # P = s U M: U widened, the product, the scale; then the entry
-    assert phases["forward"] == ["_to_copy", "mm", "mul", *["cuda:memset+kernel"] * 2], phases
+    assert phases["forward"] == ["_to_copy", "mm", "mul_", *["cuda:memset+kernel"] * 2], phases
     # Q = s V M^T likewise, the entry, dM = s g^T z (z widened, product, scale), M.grad +=. Over the
     # goal (2 and 3): the CUDA backend keeps P / Q / dM outside its kernels and a memset per entry
     # (see bench/RESULTS.md, "The CUDA backend on sm_90").
     assert phases["backward"] == [
-        "_to_copy", "mm", "mul", *["cuda:memset+kernel"] * 2, "_to_copy", "mm", "mul", "add_"
+        "_to_copy", "mm", "mul_", *["cuda:memset+kernel"] * 2, "_to_copy", "mm", "mul", "add_"
     ], phases  # fmt: skip
+
+
+def test_torch_backend_fp32_launches():
+    """fp32 folds s U M V^T into the weight: four ops forward, six backward (the fold recomputed, as
+    the W-sized fold is not saved) and the accumulation into M.grad."""
+    _step("torch", torch.float32, None)
+    phases = _step("torch", torch.float32, Launches())
+    assert phases["forward"] == ["mm", "addmm", "addmm", "mm"], phases
+    assert phases["backward"] == ["mm", "mm", "addmm", "mm", "mm", "mul_", "add_"], phases
 
 
 def test_torch_backend_copies_the_weight_once():
