@@ -27,6 +27,19 @@ import attrspace
 D_IN, D_OUT, RANK, TOKENS = 32, 48, 4, 4
 
 
+def _import_peft():
+    """peft, imported with this checkout's root off sys.path: its kernels/ folder would shadow the
+    Hugging Face `kernels` package that peft imports."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != root]
+    try:
+        import peft
+    finally:
+        sys.path[:] = saved
+    return peft
+
+
 def methods(device: str = "cpu") -> dict[str, nn.Module]:
     """name -> module, each on its own copy of one frozen nn.Linear."""
 
@@ -42,7 +55,7 @@ def methods(device: str = "cpu") -> dict[str, nn.Module]:
         "attrspace LoRA": attrspace.LoRALinear.from_linear(frozen(), RANK, 2 * RANK),
     }
     try:
-        import peft
+        peft = _import_peft()
     except ImportError as exc:
         print(f"peft's LoRA is left out: {exc}", file=sys.stderr)
         return out

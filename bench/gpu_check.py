@@ -107,6 +107,19 @@ def graph_time(step: Callable[[], None], rounds: int = ROUNDS) -> float | str:
     return median_time(graph.replay, rounds)
 
 
+def _import_peft():
+    """peft, imported with this checkout's root off sys.path: its kernels/ folder would shadow the
+    Hugging Face `kernels` package that peft imports."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != root]
+    try:
+        import peft
+    finally:
+        sys.path[:] = saved
+    return peft
+
+
 def _modules(shape, dtype, device) -> dict[str, nn.Module]:
     _, d_in, d_out, K = shape
 
@@ -127,7 +140,7 @@ def _modules(shape, dtype, device) -> dict[str, nn.Module]:
         frozen(), LORA_RANK, 2 * LORA_RANK
     )
     try:
-        import peft
+        peft = _import_peft()
     except ImportError as exc:
         print(f"peft's LoRA is left out: {exc}", file=sys.stderr)
         return out

@@ -10,6 +10,9 @@ buffer) do not count; autograd's `M.grad +=` does when a gradient is already the
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -17,6 +20,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from attrspace import backends
 from attrspace.functional import SubspaceLinearFn
 from attrspace.testing import layer_inputs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import roofline  # bench/roofline.py predicts from these launch lists
 
 _ATEN = torch.ops.aten
 NO_LAUNCH = {
@@ -112,6 +118,8 @@ def test_triton_forward_is_one_launch_and_backward_two(triton_launches):
     # ... and autograd adds dM into the M.grad that was already there (no add when it is None)
     assert phases["backward"] == ["triton:_fused_kernel", "add_"], phases
     assert len(phases["forward"]) <= 2 and len(phases["backward"]) <= 3
+    # the roofline prediction charges the same launches (M.grad += aside: set_to_none steps)
+    assert len(roofline.triton(100, 72)) == len(phases["forward"]) + len(phases["backward"]) - 1
 
 
 def test_cuda_backend_launches(monkeypatch):
@@ -147,6 +155,7 @@ def test_cuda_backend_launches(monkeypatch):
     assert phases["backward"] == [
         "_to_copy", "mm", "mul_", *["cuda:memset+kernel"] * 2, "_to_copy", "mm", "mul", "add_"
     ], phases  # fmt: skip
+    assert len(roofline.cuda(100, 72)) == len(phases["forward"]) + len(phases["backward"]) - 1
 
 
 def test_torch_backend_fp32_launches():
