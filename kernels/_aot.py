@@ -44,6 +44,7 @@ class Figures:
     shared_limit: int
     sass: int  # SASS instructions of the kernel
     sass_mma: int  # tensor-core MMAs among them (HGMMA, HMMA, DMMA, ...)
+    tma_loads: int  # UTMALDG among them (bulk tensor copies through descriptors)
 
 
 def _bin(tool: str) -> str:
@@ -142,6 +143,7 @@ def compile_one(
         shared_limit=SHARED_LIMIT[arch],
         sass=len(instructions),
         sass_mma=sum(1 for op in instructions if re.match(r"(HGMMA|HMMA|IMMA|QGMMA|DMMA)", op)),
+        tma_loads=sum(1 for op in instructions if op.startswith("UTMALDG")),
     )
 
 
@@ -168,6 +170,18 @@ _DTYPES = (
     ("fp16", "float16", "tf32", "tf32"),
     ("fp32", "float32", "ieee", "ieee"),
 )
+
+
+def _tma_types(name: str, arch: int, pass_name: str, c: dict) -> dict[str, str]:
+    """The tensor-descriptor arguments a launch passes where subspace_linear._descriptors makes them:
+    on sm_90, with output columns, and C tile rows of at most 128 B (so not fp32 at K_PAD 64)."""
+    width = {"bf16": 2, "fp16": 2, "fp32": 4}[name]
+    if arch < 90 or pass_name == "g_only" or c["K_PAD"] * width > 128:
+        return {}
+    bm, bn, br = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_R"]
+    b_tile = [bn, br] if pass_name == "forward" else [br, bn]
+    tiles = {"a_desc": [bm, br], "b_desc": b_tile, "c_desc": [br, c["K_PAD"]]}
+    return {k: f"tensordesc<{name}[{v[0]},{v[1]}]>" for k, v in tiles.items()}
 
 
 def _fused_jobs() -> list[tuple]:
@@ -210,8 +224,14 @@ def _fused_jobs() -> list[tuple]:
                         "ADAPTER_PRECISION": adapter,
                         **c.kwargs,
                     }
+                    types = {**pointers, **_tma_types(name, arch, pass_name, constexprs)}
+                    for desc in ("a_desc", "b_desc", "c_desc"):
+                        if desc not in types:
+                            constexprs[desc] = None
+                    constexprs["TMA"] = "a_desc" in types
+                    constexprs["B_ROWS_ARE_N"] = pass_name == "forward"
                     jobs.append(
-                        ("subspace_linear:_fused_kernel", pointers, values, constexprs,
+                        ("subspace_linear:_fused_kernel", types, values, constexprs,
                          c.num_warps, c.num_stages, arch, pass_name)
                     )  # fmt: skip
     return jobs

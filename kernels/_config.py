@@ -28,9 +28,27 @@ ONE_CONFIG = os.environ.get("ATTRSPACE_TRITON_CONFIGS", "all") == "one"
 AUTOTUNE_KEY = ["R", "N", "K_PAD", "T_BUCKET"]
 
 
+# ATTRSPACE_TRITON_TMA: "auto" (tensor descriptors on sm_90 and newer), "on" (wherever the operands
+# allow, the interpreter included: how the CPU tests cover that path) or "off".
+TMA_MODE = os.environ.get("ATTRSPACE_TRITON_TMA", "auto")
+if TMA_MODE not in ("auto", "on", "off"):
+    raise ValueError(f"ATTRSPACE_TRITON_TMA must be auto, on or off, got {TMA_MODE!r}")
+
+
+def set_tma_blocks(nargs: dict) -> None:
+    """Config pre-hook: the tensor descriptors' tiles for this config (no-op without TMA)."""
+    if nargs.get("a_desc") is None:
+        return
+    block_m, block_n, block_r = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_R"]
+    nargs["a_desc"].block_shape = [block_m, block_r]
+    transposed = nargs["B_ROWS_ARE_N"]
+    nargs["b_desc"].block_shape = [block_n, block_r] if transposed else [block_r, block_n]
+    nargs["c_desc"].block_shape = [block_r, nargs["K_PAD"]]
+
+
 def _config(block_m: int, block_n: int, block_r: int, group_m: int, warps: int, stages: int):
     meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_R": block_r, "GROUP_M": group_m}
-    return triton.Config(meta, num_warps=warps, num_stages=stages)
+    return triton.Config(meta, num_warps=warps, num_stages=stages, pre_hook=set_tma_blocks)
 
 
 if INTERPRET:

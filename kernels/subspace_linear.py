@@ -37,8 +37,17 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._config import AUTOTUNE_KEY, CONFIGS, INTERPRET, MIN_BLOCK_M, MIN_BLOCK_N, prune_configs
+from ._config import (
+    AUTOTUNE_KEY,
+    CONFIGS,
+    INTERPRET,
+    MIN_BLOCK_M,
+    MIN_BLOCK_N,
+    TMA_MODE,
+    prune_configs,
+)
 
 MAX_RANK = 128
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -77,20 +86,45 @@ def _tile_product(
 
 
 @triton.jit
+def _tile_product_tma(
+    a_desc, b_desc, row0, col0, R,
+    B_ROWS_ARE_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """_tile_product through tensor descriptors (TMA, sm_90): the copy engine fills out-of-range rows,
+    columns and the R tail with zeros, so no masks and no wrapped rows. B_ROWS_ARE_N: b_desc holds
+    B^T row-major (the forward's W), whose tile is transposed in shared memory for free."""
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        a = a_desc.load([row0, r0])
+        if B_ROWS_ARE_N:
+            b = b_desc.load([col0, r0]).T
+        else:
+            b = b_desc.load([r0, col0])
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _side_program(
-    a_ptr, c_ptr, side_ptr, zs_ptr, part_ptr, dm_ptr, sched_ptr, ready_ptr, row_block, T, R, K,
-    n_row_blocks, scale,
+    a_ptr, c_ptr, a_desc, c_desc, side_ptr, zs_ptr, part_ptr, dm_ptr, sched_ptr, ready_ptr,
+    row_block, T, R, K, n_row_blocks, scale,
     stride_at, stride_ar, stride_cr, stride_ck,
-    K_PAD: tl.constexpr, GRAD_M: tl.constexpr, PRECISION: tl.constexpr,
+    K_PAD: tl.constexpr, GRAD_M: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     rows = row_block.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, K_PAD)
-    # Rows past T wrap onto valid rows so the loop needs no row mask; their results are not stored.
-    side = _tile_product(
-        a_ptr, c_ptr, rows % T, offs_k, K, R, stride_at, stride_ar, stride_cr, stride_ck,
-        BLOCK_M, K_PAD, BLOCK_R, PRECISION,
-    )  # fmt: skip
+    if TMA:
+        side = _tile_product_tma(
+            a_desc, c_desc, row_block * BLOCK_M, 0, R, False, BLOCK_M, K_PAD, BLOCK_R, PRECISION
+        )
+    else:
+        # Rows past T wrap onto valid rows so the loop needs no row mask; they are not stored.
+        side = _tile_product(
+            a_ptr, c_ptr, rows % T, offs_k, K, R, stride_at, stride_ar, stride_cr, stride_ck,
+            BLOCK_M, K_PAD, BLOCK_R, PRECISION,
+        )  # fmt: skip
     mask = (rows[:, None] < T) & (offs_k[None, :] < K)
     tl.store(
         side_ptr + rows[:, None] * K + offs_k[None, :],
@@ -166,21 +200,27 @@ def _factor_program(
 
 @triton.jit
 def _output_program(
-    a_ptr, b_ptr, e_ptr, bias_ptr, out_ptr, side_ptr, ready_ptr, col_ready_ptr, row_block, col_tile,
-    T, R, N, K,
+    a_ptr, b_ptr, a_desc, b_desc, e_ptr, bias_ptr, out_ptr, side_ptr, ready_ptr, col_ready_ptr,
+    row_block, col_tile, T, R, N, K,
     stride_at, stride_ar, stride_br, stride_bn, stride_en, stride_ek, stride_bias,
     K_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FACTOR: tl.constexpr, PRECISION: tl.constexpr,
-    ADAPTER_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    ADAPTER_PRECISION: tl.constexpr, TMA: tl.constexpr, B_ROWS_ARE_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     rows = row_block.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     in_rows = rows % T
     cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, K_PAD)
-    acc = _tile_product(
-        a_ptr, b_ptr, in_rows, cols, N, R, stride_at, stride_ar, stride_br, stride_bn,
-        BLOCK_M, BLOCK_N, BLOCK_R, PRECISION,
-    )  # fmt: skip
+    if TMA:
+        acc = _tile_product_tma(
+            a_desc, b_desc, row_block * BLOCK_M, col_tile * BLOCK_N, R, B_ROWS_ARE_N,
+            BLOCK_M, BLOCK_N, BLOCK_R, PRECISION,
+        )  # fmt: skip
+    else:
+        acc = _tile_product(
+            a_ptr, b_ptr, in_rows, cols, N, R, stride_at, stride_ar, stride_br, stride_bn,
+            BLOCK_M, BLOCK_N, BLOCK_R, PRECISION,
+        )  # fmt: skip
     # Wait for this row block's side program (acquire: its stores are visible after the flag).
     while tl.atomic_add(ready_ptr + row_block, 0, sem="acquire") == 0:
         pass
@@ -219,14 +259,20 @@ def _output_program(
 @triton.jit
 def _fused_kernel(
     a_ptr, b_ptr, c_ptr, e_ptr, f_ptr, m_ptr, bias_ptr, out_ptr, side_ptr, zs_ptr, part_ptr,
-    dm_ptr, sched_ptr,
+    dm_ptr, sched_ptr, a_desc, b_desc, c_desc,
     T, R, N, K, T_BUCKET, scale,
     stride_at, stride_ar, stride_br, stride_bn, stride_cr, stride_ck, stride_en, stride_ek,
     stride_fn, stride_fk, stride_mk, stride_mj, stride_bias,
     K_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FACTOR: tl.constexpr, GRAD_M: tl.constexpr,
     PRECISION: tl.constexpr, ADAPTER_PRECISION: tl.constexpr,
+    TMA: tl.constexpr, B_ROWS_ARE_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
+    # TMA: the main loops load A, B and C through tensor descriptors (a_desc, b_desc, c_desc; their
+    # tiles set per config by _config.set_tma_blocks); else through pointers (cp.async on sm_80).
+    # Side tiles (z, g) are stored and read back with ordinary stores and loads, never by TMA, so no
+    # proxy fence is needed between the two kinds of programs: acquire / release on the flags orders
+    # them as before.
     # sched_ptr: [0] the ticket counter, [1] programs finished, [2] row blocks whose dM part is
     # written, then a ready flag per row block, then (FACTOR) one per column tile. Zero at launch.
     #
@@ -260,18 +306,20 @@ def _fused_kernel(
         local = work - group * group_size
         if local < rows_in_group:
             _side_program(
-                a_ptr, c_ptr, side_ptr, zs_ptr, part_ptr, dm_ptr, sched_ptr, flags_ptr,
-                first_row_block + local, T, R, K, n_row_blocks, scale,
+                a_ptr, c_ptr, a_desc, c_desc, side_ptr, zs_ptr, part_ptr, dm_ptr, sched_ptr,
+                flags_ptr, first_row_block + local, T, R, K, n_row_blocks, scale,
                 stride_at, stride_ar, stride_cr, stride_ck,
-                K_PAD, GRAD_M, PRECISION, BLOCK_M, BLOCK_R,
+                K_PAD, GRAD_M, PRECISION, TMA, BLOCK_M, BLOCK_R,
             )  # fmt: skip
         else:
             tile = local - rows_in_group
             _output_program(
-                a_ptr, b_ptr, e_ptr, bias_ptr, out_ptr, side_ptr, flags_ptr, col_flags_ptr,
-                first_row_block + tile % rows_in_group, tile // rows_in_group, T, R, N, K,
+                a_ptr, b_ptr, a_desc, b_desc, e_ptr, bias_ptr, out_ptr, side_ptr, flags_ptr,
+                col_flags_ptr, first_row_block + tile % rows_in_group, tile // rows_in_group,
+                T, R, N, K,
                 stride_at, stride_ar, stride_br, stride_bn, stride_en, stride_ek, stride_bias,
-                K_PAD, HAS_BIAS, FACTOR, PRECISION, ADAPTER_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R,
+                K_PAD, HAS_BIAS, FACTOR, PRECISION, ADAPTER_PRECISION, TMA, B_ROWS_ARE_N,
+                BLOCK_M, BLOCK_N, BLOCK_R,
             )  # fmt: skip
     # The program that finishes last puts the schedule back to zero for the next launch, so no
     # launch needs a memset first (and a captured CUDA graph replays correctly): every other program
@@ -333,10 +381,12 @@ def _launch(
         n_factor = triton.cdiv(N, meta["BLOCK_N"]) if factor is not None else 0
         return (n_factor + triton.cdiv(T, meta["BLOCK_M"]) * (1 + triton.cdiv(N, meta["BLOCK_N"])),)
 
+    descs = _descriptors(a, b, c, N, k_pad)
     device = torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext()
     with device:
         _fused_kernel[grid](
             a, b, c, e, f, m, bias if bias is not None else e, out, side, zs, part, dm, sched,
+            *(descs or (None, None, None)),
             T, R, N, K, max(16, triton.next_power_of_2(T)), float(scale),
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
             e.stride(0), e.stride(1), f.stride(0), f.stride(1), m.stride(0), m.stride(1),
@@ -345,7 +395,31 @@ def _launch(
             GRAD_M=grad_m is not None,
             PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
             ADAPTER_PRECISION=adapter_precision,
+            TMA=descs is not None, B_ROWS_ARE_N=b.stride(0) == 1 and b.stride(1) != 1,
         )  # fmt: skip
+
+
+def _tma_wanted(a: Tensor) -> bool:
+    if TMA_MODE != "auto":
+        return TMA_MODE == "on"
+    return a.is_cuda and torch.cuda.get_device_capability(a.device) >= (9, 0)
+
+
+def _descriptors(a: Tensor, b: Tensor, c: Tensor, N: int, k_pad: int) -> tuple | None:
+    """Tensor descriptors of A, B (or B^T when B is a transposed view) and C for the TMA main loops,
+    or None where TMA cannot serve: not wanted (sm_80, ATTRSPACE_TRITON_TMA=off), no output columns,
+    a non-unit inner stride, a stride or base not 16-byte aligned, or a C tile row wider than 128 B.
+    Block shapes are placeholders until the chosen config's pre-hook sets them."""
+    if N == 0 or not _tma_wanted(a):
+        return None
+    b_rows = b.t() if b.stride(0) == 1 and b.stride(1) != 1 else b
+    width = a.element_size()
+    tensors = (a, b_rows, c)
+    if k_pad * width > 128 or any(
+        t.stride(1) != 1 or (t.stride(0) * width) % 16 or t.data_ptr() % 16 for t in tensors
+    ):
+        return None
+    return tuple(TensorDescriptor.from_tensor(t, [16, 16]) for t in tensors)
 
 
 def _check_matrix(name: str, t: Tensor, shape: tuple[int, int], dtype: torch.dtype, device) -> None:

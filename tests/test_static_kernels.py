@@ -71,6 +71,19 @@ def test_tensor_core_kernels_use_wgmma_on_hopper(triton_figures):
                 assert f["mma_sync"] > 0 and f["wgmma"] == 0, f
 
 
+def test_hopper_main_loops_load_through_tensor_descriptors(triton_figures):
+    # bf16 / fp16 forward and backward on sm_90a: bulk tensor copies (UTMALDG) feed HGMMA
+    hopper = [
+        f for f in triton_figures
+        if f["kernel"].endswith("_fused_kernel") and f["arch"] == 90 and "TMA=True" in f["config"]
+    ]  # fmt: skip
+    passes = {f["config"].split()[0] for f in hopper}
+    assert passes == {"forward", "backward"}, passes
+    assert len(hopper) >= 16, len(hopper)  # every config of bf16 and fp16, both passes
+    for f in hopper:
+        assert f["tma_loads"] > 0 and f["sass_mma"] > 0 and f["wgmma"] > 0, f
+
+
 def test_no_register_spills_and_shared_memory_fits(triton_figures):
     spilling = [f for f in triton_figures if f["spill_stores"] or f["spill_loads"]]
     assert not spilling, "\n".join(
