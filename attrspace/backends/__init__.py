@@ -5,6 +5,10 @@ The contract. A backend is one module in this folder exposing five functions:
     unsupported_reasons(x, weight, rank) -> list   why it cannot run these inputs (empty: it can)
     forward(x, weight, bias, V, P) -> (y, z)       x (T, d_in); P = s U M fp32; see reference.forward
     backward(dy, weight, U, Q, need_dx) -> (dx, g) Q = s V M^T fp32; g fp32; see reference.backward
+Optionally also the whole-layer pair, which functional.SubspaceLinearFn uses when present (P, Q and
+dM formed by the backend itself, so a kernel backend can fold them into its launches):
+    forward_factored(x, weight, bias, U, V, M, scale) -> (y, z)
+    backward_factored(dy, weight, U, V, M, z, scale, need_dx) -> (dx or None, dM)
 Each must match attrspace.reference on fresh random inputs at the dtype's tolerance, and must not
 mutate its inputs. To add a backend, write the module and add its name to _MODULES below.
 
