@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends
@@ -148,8 +149,31 @@ def subspace_linear(
     name = backends.select(backend, x, weight, M.shape[0])
     # autocast must not re-cast inside the passes; entering a context costs host time, so only then
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+        if name == "torch" and _few_tokens_in_fp32(x, weight, M):
+            return _composed(x, weight, bias, U, V, M, float(scale)), name
         y = SubspaceLinearFn.apply(x, weight, bias, U, V, M, float(scale), name)
     return y, name
+
+
+def _few_tokens_in_fp32(x: Tensor, weight: Tensor, M: Tensor) -> bool:
+    """fp32 / fp64 with fewer tokens than the fold's cost pays for: T (d_in + d_out) < d_in d_out."""
+    if x.dtype not in (torch.float32, torch.float64) or M.dtype != x.dtype:
+        return False
+    d_out, d_in = weight.shape
+    return x.numel() // d_in * (d_in + d_out) < d_in * d_out
+
+
+def _composed(x, weight, bias, U, V, M, scale: float) -> Tensor:
+    """The layer from built-in differentiable ops, for the torch backend in fp32 / fp64 at few
+    tokens: no Python autograd.Function, whose apply and Python backward cost more host time than
+    the arithmetic (bench/bench_host.py). Autograd still saves only z = x V and the frozen tensors:
+    x V saves V (x's gradient needs only V), z M^T saves z and M, and the products with the frozen
+    W and U save W and U. The two fp32 roundings (base, then adapter) cost ~1e-7 relative."""
+    base, h = F.linear(x, weight, bias), F.linear(torch.matmul(x, V), M)
+    if x.ndim == 2:
+        return torch.addmm(base, h, U.t(), alpha=scale)
+    lead = x.shape[:-1]
+    return torch.addmm(base.flatten(0, -2), h.flatten(0, -2), U.t(), alpha=scale).unflatten(0, lead)
 
 
 _PRELOADED: set[str] = set()
