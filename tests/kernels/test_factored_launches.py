@@ -109,3 +109,21 @@ def test_tensor_descriptor_path_matches_float64(monkeypatch, dtype, shape):
     assert_close(
         dm, s * g64.t() @ z.double(), torch.float32 if dtype == torch.float32 else dtype, "dM"
     )
+
+
+def test_whole_layer_custom_ops_pass_opcheck():
+    """The ops torch.compile traces for the one-launch passes: schemas, fake shapes, autograd
+    registration and dispatch consistent."""
+    from attrspace.backends import triton_backend
+
+    t = layer_inputs(9, 20, 12, 4, seed=13, device=DEVICE)
+    M = t["M"].float()
+    args = (t["x"], t["weight"], t["bias"], t["U"], t["V"].contiguous(), M, 1.5)
+    torch.library.opcheck(triton_backend._forward_factored_op, args)
+    z = t["x"] @ t["V"]
+    dy = torch.randn(9, 12, device=DEVICE)
+    for need_dx in (True, False):
+        torch.library.opcheck(
+            triton_backend._backward_factored_op,
+            (dy, t["weight"], t["U"], t["V"], M, z, 1.5, need_dx),
+        )
