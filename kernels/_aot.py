@@ -44,6 +44,7 @@ class Figures:
     shared_limit: int
     sass: int  # SASS instructions of the kernel
     sass_mma: int  # tensor-core MMAs among them (HGMMA, HMMA, DMMA, ...)
+    tma_loads: int  # UTMALDG among them (bulk tensor copies through descriptors)
 
 
 def _bin(tool: str) -> str:
@@ -74,7 +75,14 @@ def _specialise(fn, types: dict[str, str], values: dict[str, int], constexprs: d
 
 
 def compile_one(
-    kernel: str, types: dict, values: dict, constexprs: dict, warps: int, stages: int, arch: int
+    kernel: str,
+    types: dict,
+    values: dict,
+    constexprs: dict,
+    warps: int,
+    stages: int,
+    arch: int,
+    label: str = "",
 ) -> Figures:
     """Compile `kernel` ("module:function" under attrspace.kernels) for sm_<arch> and read it.
     types: Triton types of the pointer and float arguments ("*bf16", "fp32"); the rest are i32,
@@ -120,6 +128,7 @@ def compile_one(
         r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?(\S+)", sass, re.MULTILINE
     )
     config = " ".join(f"{k}={v}" for k, v in constexprs.items()) + f" warps={warps} stages={stages}"
+    config = f"{label} {config}" if label else config
     return Figures(
         kernel=kernel,
         arch=arch,
@@ -134,6 +143,7 @@ def compile_one(
         shared_limit=SHARED_LIMIT[arch],
         sass=len(instructions),
         sass_mma=sum(1 for op in instructions if re.match(r"(HGMMA|HMMA|IMMA|QGMMA|DMMA)", op)),
+        tma_loads=sum(1 for op in instructions if op.startswith("UTMALDG")),
     )
 
 
@@ -142,38 +152,88 @@ _FORWARD_VALUES = {
     "T": _T, "R": _R, "N": _N, "K": _K, "T_BUCKET": 16384,
     "stride_at": _R, "stride_ar": 1, "stride_br": 1, "stride_bn": _R, "stride_cr": _K,
     "stride_ck": 1, "stride_en": _K, "stride_ek": 1, "stride_bias": 1,
+    "stride_fn": _K, "stride_fk": 1, "stride_mk": _K, "stride_mj": 1,
 }  # fmt: skip
+# The backward of the same layer: A = dy (T, 3072), B = W (3072, 1024) read row-major, C = U, E = Q.
+_BACKWARD_VALUES = {
+    **_FORWARD_VALUES, "R": _N, "N": _R, "stride_at": _N, "stride_br": _R, "stride_bn": 1,
+    "stride_bias": 0, "stride_mk": 1, "stride_mj": _K,
+}  # fmt: skip
+# The backward when only g is needed (dx not asked for): no output columns, only side programs.
+_G_ONLY_VALUES = {**_BACKWARD_VALUES, "N": 0}
+
+# (name, dtype, base precision, forward adapter precision, backward adapter precision): the
+# launchers' defaults (subspace_linear._DEFAULT_ADAPTER_PRECISION); g is fp32 in every dtype, so the
+# backward's "input" precision rounds it to bf16 where the forward rounds z.
+_DTYPES = (
+    ("bf16", "bfloat16", "tf32", "input"),
+    ("fp16", "float16", "tf32", "tf32"),
+    ("fp32", "float32", "ieee", "ieee"),
+)
+
+
+def _tma_types(name: str, arch: int, pass_name: str, c: dict) -> dict[str, str]:
+    """The tensor-descriptor arguments a launch passes where subspace_linear._descriptors makes them:
+    on sm_90, with output columns, and C tile rows of at most 128 B (so not fp32 at K_PAD 64)."""
+    width = {"bf16": 2, "fp16": 2, "fp32": 4}[name]
+    if arch < 90 or pass_name == "g_only" or c["K_PAD"] * width > 128:
+        return {}
+    bm, bn, br = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_R"]
+    b_tile = [bn, br] if pass_name == "forward" else [br, bn]
+    tiles = {"a_desc": [bm, br], "b_desc": b_tile, "c_desc": [br, c["K_PAD"]]}
+    return {k: f"tensordesc<{name}[{v[0]},{v[1]}]>" for k, v in tiles.items()}
 
 
 def _fused_jobs() -> list[tuple]:
     """Every autotune config of the fused subspace-linear kernel that the autotuner tries on each
-    target (kernels/_config.configs_for), in bf16, fp16 and fp32 at K_PAD 64."""
+    target (kernels/_config.configs_for), in bf16, fp16 and fp32 at K_PAD 64, in each of the three
+    specialisations a training step launches: the forward (bias, side z in the input dtype), the
+    backward (no bias, side g in fp32, dM reduced in the launch) and the g-only backward (no output
+    columns); P and Q are formed by the launch's first programs in all three (FACTOR)."""
     import torch
 
     from ._config import configs_for
 
     jobs = []
-    for name, dtype, precision, adapter in (
-        ("bf16", torch.bfloat16, "tf32", "input"),
-        ("fp16", torch.float16, "tf32", "tf32"),
-        ("fp32", torch.float32, "ieee", "ieee"),
-    ):
-        pointers = {p: f"*{name}" for p in ("a_ptr", "b_ptr", "c_ptr", "bias_ptr", "out_ptr")}
-        pointers.update(e_ptr="*fp32", side_ptr=f"*{name}", ready_ptr="*i32")
+    for name, dtype_name, precision, adapter in _DTYPES:
+        dtype = getattr(torch, dtype_name)
+        forward = {
+            p: f"*{name}" for p in ("a_ptr", "b_ptr", "c_ptr", "f_ptr", "bias_ptr", "out_ptr")
+        }
+        forward.update(
+            e_ptr="*fp32", m_ptr="*fp32", side_ptr=f"*{name}", zs_ptr=f"*{name}",
+            part_ptr="*fp32", dm_ptr="*fp32", sched_ptr="*i32", scale="fp32",
+        )  # fmt: skip
+        backward = {**forward, "side_ptr": "*fp32"}
+        g_only = {**backward, "out_ptr": "*fp32"}
+        passes = (
+            ("forward", forward, _FORWARD_VALUES, True, False),
+            ("backward", backward, _BACKWARD_VALUES, False, True),
+            ("g_only", g_only, _G_ONLY_VALUES, False, True),
+        )
         for arch in ARCHS:
-            # at VGGT's qkv layer in the forward: T = 8 x 1369, 1024 -> 3072, K = 64
-            for c in configs_for(dtype, (arch // 10, arch % 10)):
-                constexprs = {
-                    "K_PAD": 64,
-                    "HAS_BIAS": True,
-                    "PRECISION": precision,
-                    "ADAPTER_PRECISION": adapter,
-                    **c.kwargs,
-                }
-                jobs.append(
-                    ("subspace_linear:_fused_kernel", pointers, _FORWARD_VALUES, constexprs,
-                     c.num_warps, c.num_stages, arch)
-                )  # fmt: skip
+            for pass_name, pointers, values, bias, grad_m in passes:
+                configs = configs_for(dtype, (arch // 10, arch % 10))
+                for c in configs[:1] if pass_name == "g_only" else configs:
+                    constexprs = {
+                        "K_PAD": 64,
+                        "HAS_BIAS": bias,
+                        "FACTOR": True,
+                        "GRAD_M": grad_m,
+                        "PRECISION": precision,
+                        "ADAPTER_PRECISION": adapter,
+                        **c.kwargs,
+                    }
+                    types = {**pointers, **_tma_types(name, arch, pass_name, constexprs)}
+                    for desc in ("a_desc", "b_desc", "c_desc"):
+                        if desc not in types:
+                            constexprs[desc] = None
+                    constexprs["TMA"] = "a_desc" in types
+                    constexprs["B_ROWS_ARE_N"] = pass_name == "forward"
+                    jobs.append(
+                        ("subspace_linear:_fused_kernel", types, values, constexprs,
+                         c.num_warps, c.num_stages, arch, pass_name)
+                    )  # fmt: skip
     return jobs
 
 

@@ -20,14 +20,35 @@ import triton
 # Read once, like @triton.jit itself reads it when the kernels are decorated (style.md 6.2): a later
 # change of the variable does not turn already-decorated kernels into interpreted ones.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# ATTRSPACE_TRITON_CONFIGS=one: the autotuner keeps only the first config that fits (bench/gpu_check.sh
+# runs the GPU tests so, where every ragged test shape would otherwise compile and time every config).
+ONE_CONFIG = os.environ.get("ATTRSPACE_TRITON_CONFIGS", "all") == "one"
 
 # The autotuner keys on the problem's (R, N, K_PAD, T_BUCKET) and the tensor dtypes.
 AUTOTUNE_KEY = ["R", "N", "K_PAD", "T_BUCKET"]
 
 
+# ATTRSPACE_TRITON_TMA: "auto" (tensor descriptors on sm_90 and newer), "on" (wherever the operands
+# allow, the interpreter included: how the CPU tests cover that path) or "off".
+TMA_MODE = os.environ.get("ATTRSPACE_TRITON_TMA", "auto")
+if TMA_MODE not in ("auto", "on", "off"):
+    raise ValueError(f"ATTRSPACE_TRITON_TMA must be auto, on or off, got {TMA_MODE!r}")
+
+
+def set_tma_blocks(nargs: dict) -> None:
+    """Config pre-hook: the tensor descriptors' tiles for this config (no-op without TMA)."""
+    if nargs.get("a_desc") is None:
+        return
+    block_m, block_n, block_r = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_R"]
+    nargs["a_desc"].block_shape = [block_m, block_r]
+    transposed = nargs["B_ROWS_ARE_N"]
+    nargs["b_desc"].block_shape = [block_n, block_r] if transposed else [block_r, block_n]
+    nargs["c_desc"].block_shape = [block_r, nargs["K_PAD"]]
+
+
 def _config(block_m: int, block_n: int, block_r: int, group_m: int, warps: int, stages: int):
     meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_R": block_r, "GROUP_M": group_m}
-    return triton.Config(meta, num_warps=warps, num_stages=stages)
+    return triton.Config(meta, num_warps=warps, num_stages=stages, pre_hook=set_tma_blocks)
 
 
 if INTERPRET:
@@ -42,7 +63,9 @@ else:
         _config(128, 256, 64, group_m=8, warps=8, stages=3),
         _config(128, 128, 64, group_m=8, warps=8, stages=4),
         # More programs for short T (a single frame) and narrow layers, so every SM gets work.
-        _config(64, 128, 64, group_m=8, warps=4, stages=4),
+        # 8 warps: with 4, the backward's bf16 specialisation (fp32 g rounded for the adapter term)
+        # spills 76 B per thread on sm_80 at 255 registers; 8 take 150 (ptxas, Triton 3.7.1).
+        _config(64, 128, 64, group_m=8, warps=8, stages=4),
         _config(64, 64, 32, group_m=8, warps=4, stages=3),
     ]
     # fp32 multiplies on the FMA units ("ieee"): beyond 64 x 64 the accumulator spills, and with 4
@@ -69,9 +92,11 @@ def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
     """Autotuner hook: configs_for the arguments' dtype and device."""
     a = named_args["a_ptr"]
     capability = torch.cuda.get_device_capability(a.device) if a.is_cuda else (9, 0)
-    keep = configs_for(a.dtype, capability)
+    keep = configs_for(a.dtype, capability)[: 1 if ONE_CONFIG else None]
     return [c for c in configs if c in keep] or configs[-1:]
 
 
 # No config has fewer row blocks than cdiv(T, MIN_BLOCK_M), so that many ready flags serve every config.
 MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in CONFIGS)
+# ... and cdiv(N, MIN_BLOCK_N) column flags.
+MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in CONFIGS)

@@ -33,11 +33,13 @@ def _cholesky_tiles(block_l: int, dtype: torch.dtype) -> tuple[int, int]:
     """(BLOCK_R, warps) of a cholesky_qr program: enough threads that the two float64 tiles fit in
     registers. ptxas for sm_90 at BLOCK_L = 64 (3 passes): BLOCK_R 64 with 4 warps spills 756 B per
     thread (fp32 Y), 8 warps 192 B; BLOCK_R 32 with 16 warps nothing for fp32 Y, and for fp64 Y
-    16 warps (128 registers a thread at most) spill 48 B where 8 warps do not."""
+    16 warps (128 registers a thread at most) spill 48 B where 8 warps do not. At BLOCK_L = 32 with
+    the barrier between passes, BLOCK_R 64 spills 4 B (fp64 Y, 4 warps) or 12 B (fp32 Y, 8 warps) on
+    sm_90; BLOCK_R 32 with 4 warps spills nothing in either dtype."""
     if INTERPRET:
         return 32, 4
     if block_l < 64:
-        return 64, 4
+        return 32, 4
     return 32, (16 if dtype == torch.float32 else 8)
 
 
@@ -181,6 +183,12 @@ def _cholesky_qr_kernel(
             y = tl.load(base + rows[:, None] * s_r + cols[None, :] * s_l, mask=mask, other=0.0)
             q = tl.dot(y, w.to(dtype), input_precision="ieee")
             tl.store(dst + rows[:, None] * stride_dr + cols[None, :] * stride_dl, q, mask=mask)
+        if p < PASSES - 1:
+            # The next pass's Gram sweep reads dst rows that other threads of this program stored in
+            # this pass's last row blocks: their stores must be visible first (bar.sync orders global
+            # memory among a block's threads). Without it only a row loop of two or more sweeps
+            # hid the race, by the barriers inside tl.dot of later row blocks.
+            tl.debug_barrier()
     tl.store(broke_ptr + b, broke)
 
 

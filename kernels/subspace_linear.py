@@ -31,13 +31,23 @@ K_PAD / BLOCK_N (at most half) of an output program's work, so the wait is usual
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._config import AUTOTUNE_KEY, CONFIGS, INTERPRET, MIN_BLOCK_M, prune_configs
+from ._config import (
+    AUTOTUNE_KEY,
+    CONFIGS,
+    INTERPRET,
+    MIN_BLOCK_M,
+    MIN_BLOCK_N,
+    TMA_MODE,
+    prune_configs,
+)
 
 MAX_RANK = 128
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -76,49 +86,147 @@ def _tile_product(
 
 
 @triton.jit
+def _tile_product_tma(
+    a_desc, b_desc, row0, col0, R,
+    B_ROWS_ARE_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """_tile_product through tensor descriptors (TMA, sm_90): the copy engine fills out-of-range rows,
+    columns and the R tail with zeros, so no masks and no wrapped rows. B_ROWS_ARE_N: b_desc holds
+    B^T row-major (the forward's W), whose tile is transposed in shared memory for free."""
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        a = a_desc.load([row0, r0])
+        if B_ROWS_ARE_N:
+            b = b_desc.load([col0, r0]).T
+        else:
+            b = b_desc.load([r0, col0])
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _side_program(
-    a_ptr, c_ptr, side_ptr, ready_ptr, row_block, T, R, K,
+    a_ptr, c_ptr, a_desc, c_desc, side_ptr, zs_ptr, part_ptr, dm_ptr, sched_ptr, ready_ptr,
+    row_block, T, R, K, n_row_blocks, scale,
     stride_at, stride_ar, stride_cr, stride_ck,
-    K_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    K_PAD: tl.constexpr, GRAD_M: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     rows = row_block.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, K_PAD)
-    # Rows past T wrap onto valid rows so the loop needs no row mask; their results are not stored.
-    side = _tile_product(
-        a_ptr, c_ptr, rows % T, offs_k, K, R, stride_at, stride_ar, stride_cr, stride_ck,
-        BLOCK_M, K_PAD, BLOCK_R, PRECISION,
-    )  # fmt: skip
+    if TMA:
+        side = _tile_product_tma(
+            a_desc, c_desc, row_block * BLOCK_M, 0, R, False, BLOCK_M, K_PAD, BLOCK_R, PRECISION
+        )
+    else:
+        # Rows past T wrap onto valid rows so the loop needs no row mask; they are not stored.
+        side = _tile_product(
+            a_ptr, c_ptr, rows % T, offs_k, K, R, stride_at, stride_ar, stride_cr, stride_ck,
+            BLOCK_M, K_PAD, BLOCK_R, PRECISION,
+        )  # fmt: skip
     mask = (rows[:, None] < T) & (offs_k[None, :] < K)
     tl.store(
         side_ptr + rows[:, None] * K + offs_k[None, :],
         side.to(side_ptr.dtype.element_ty),
         mask=mask,
     )
+    if GRAD_M:
+        _grad_m_part(
+            side, zs_ptr, part_ptr, dm_ptr, sched_ptr, rows, row_block, mask, K, n_row_blocks,
+            scale, K_PAD, PRECISION,
+        )  # fmt: skip
     # Every thread's stores must be done before the one thread that sets the flag releases them.
     tl.debug_barrier()
     tl.atomic_xchg(ready_ptr + row_block, 1, sem="release")
 
 
 @triton.jit
+def _grad_m_part(
+    g, zs_ptr, part_ptr, dm_ptr, sched_ptr, rows, row_block, mask, K, n_row_blocks, scale,
+    K_PAD: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """dM = s g^T z inside the backward: this row block's g^T z (g still fp32 in registers) goes to
+    its slot of part_ptr; the row block that finishes last sums every slot in row-block order (the
+    same order whoever is last, so the result is deterministic) and writes dM. sched_ptr[2] counts
+    finished row blocks; acq_rel makes the slots stored before each increment visible to the last."""
+    offs_k = tl.arange(0, K_PAD)
+    z = tl.load(zs_ptr + rows[:, None] * K + offs_k[None, :], mask=mask, other=0.0)
+    g = tl.where(mask, g, 0.0)  # wrapped rows past T must not count twice
+    part = tl.dot(tl.trans(g), z.to(tl.float32), input_precision=PRECISION)
+    square = offs_k[:, None] * K_PAD + offs_k[None, :]
+    tl.store(part_ptr + row_block.to(tl.int64) * K_PAD * K_PAD + square, part)
+    tl.debug_barrier()
+    if tl.atomic_add(sched_ptr + 2, 1, sem="acq_rel") == n_row_blocks - 1:
+        total = tl.zeros((K_PAD, K_PAD), dtype=tl.float32)
+        for rb in range(0, n_row_blocks):
+            total += tl.load(part_ptr + rb * K_PAD * K_PAD + square)
+        k_ok = offs_k < K
+        tl.store(
+            dm_ptr + offs_k[:, None] * K + offs_k[None, :],
+            total * scale,
+            mask=k_ok[:, None] & k_ok[None, :],
+        )
+
+
+@triton.jit
+def _factor_program(
+    f_ptr, m_ptr, e_ptr, col_ready_ptr, col_tile, N, K, scale,
+    stride_fn, stride_fk, stride_mk, stride_mj,
+    K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, FACTOR_ROWS: tl.constexpr = 16,
+):  # fmt: skip
+    """E = s F M' for one column tile (F = U, M' = M: P; F = V, M' = M^T by strides: Q), in fp32
+    with exact products, then its column flag is released."""
+    offs_k = tl.arange(0, K_PAD)
+    k_ok = offs_k < K
+    m = tl.load(
+        m_ptr + offs_k[:, None] * stride_mk + offs_k[None, :] * stride_mj,
+        mask=k_ok[:, None] & k_ok[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    # 16 rows at a time: exact fp32 products run on the FMA units, whose operands and accumulator
+    # all sit in registers (a whole 256-row tile at once spills hundreds of bytes per thread).
+    for n0 in tl.static_range(0, BLOCK_N, FACTOR_ROWS):
+        cols = col_tile * BLOCK_N + n0 + tl.arange(0, FACTOR_ROWS)
+        ok = (cols[:, None] < N) & k_ok[None, :]
+        f = tl.load(
+            f_ptr + cols[:, None] * stride_fn + offs_k[None, :] * stride_fk, mask=ok, other=0.0
+        )
+        e = tl.dot(f.to(tl.float32), m, input_precision="ieee") * scale
+        tl.store(e_ptr + cols[:, None] * K + offs_k[None, :], e, mask=ok)
+    tl.debug_barrier()
+    tl.atomic_xchg(col_ready_ptr + col_tile, 1, sem="release")
+
+
+@triton.jit
 def _output_program(
-    a_ptr, b_ptr, e_ptr, bias_ptr, out_ptr, side_ptr, ready_ptr, row_block, col_tile, T, R, N, K,
+    a_ptr, b_ptr, a_desc, b_desc, e_ptr, bias_ptr, out_ptr, side_ptr, ready_ptr, col_ready_ptr,
+    row_block, col_tile, T, R, N, K,
     stride_at, stride_ar, stride_br, stride_bn, stride_en, stride_ek, stride_bias,
-    K_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-    ADAPTER_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    K_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FACTOR: tl.constexpr, PRECISION: tl.constexpr,
+    ADAPTER_PRECISION: tl.constexpr, TMA: tl.constexpr, B_ROWS_ARE_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     rows = row_block.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     in_rows = rows % T
     cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, K_PAD)
-    acc = _tile_product(
-        a_ptr, b_ptr, in_rows, cols, N, R, stride_at, stride_ar, stride_br, stride_bn,
-        BLOCK_M, BLOCK_N, BLOCK_R, PRECISION,
-    )  # fmt: skip
+    if TMA:
+        acc = _tile_product_tma(
+            a_desc, b_desc, row_block * BLOCK_M, col_tile * BLOCK_N, R, B_ROWS_ARE_N,
+            BLOCK_M, BLOCK_N, BLOCK_R, PRECISION,
+        )  # fmt: skip
+    else:
+        acc = _tile_product(
+            a_ptr, b_ptr, in_rows, cols, N, R, stride_at, stride_ar, stride_br, stride_bn,
+            BLOCK_M, BLOCK_N, BLOCK_R, PRECISION,
+        )  # fmt: skip
     # Wait for this row block's side program (acquire: its stores are visible after the flag).
     while tl.atomic_add(ready_ptr + row_block, 0, sem="acquire") == 0:
         pass
+    if FACTOR:  # and for its column tile's factor program (E = P or Q)
+        while tl.atomic_add(col_ready_ptr + col_tile, 0, sem="acquire") == 0:
+            pass
     tl.debug_barrier()
     k_ok = offs_k < K
     side = tl.load(side_ptr + in_rows[:, None] * K + offs_k[None, :], mask=k_ok[None, :], other=0.0)
@@ -146,44 +254,85 @@ def _output_program(
     configs=CONFIGS,
     key=AUTOTUNE_KEY,
     prune_configs_by={"early_config_prune": prune_configs},
-    reset_to_zero=["ready_ptr"],  # timing runs take tickets and set flags: start each from zero
+    reset_to_zero=["sched_ptr"],  # a timing run cut short would leave tickets taken
 )
 @triton.jit
 def _fused_kernel(
-    a_ptr, b_ptr, c_ptr, e_ptr, bias_ptr, out_ptr, side_ptr, ready_ptr,
-    T, R, N, K, T_BUCKET,
+    a_ptr, b_ptr, c_ptr, e_ptr, f_ptr, m_ptr, bias_ptr, out_ptr, side_ptr, zs_ptr, part_ptr,
+    dm_ptr, sched_ptr, a_desc, b_desc, c_desc,
+    T, R, N, K, T_BUCKET, scale,
     stride_at, stride_ar, stride_br, stride_bn, stride_cr, stride_ck, stride_en, stride_ek,
-    stride_bias,
-    K_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+    stride_fn, stride_fk, stride_mk, stride_mj, stride_bias,
+    K_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FACTOR: tl.constexpr, GRAD_M: tl.constexpr,
     PRECISION: tl.constexpr, ADAPTER_PRECISION: tl.constexpr,
+    TMA: tl.constexpr, B_ROWS_ARE_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    # Tickets run group by group; a group is up to GROUP_M row blocks: first their side programs,
-    # then their output tiles column by column, so consecutive programs share a tile of B in L2 and a
-    # group's rows of A stay in L2 across its columns. ready_ptr[0] is the ticket counter, the row
-    # blocks' ready flags follow it.
-    pid = tl.atomic_add(ready_ptr, 1)
-    flags_ptr = ready_ptr + 1
+    # TMA: the main loops load A, B and C through tensor descriptors (a_desc, b_desc, c_desc; their
+    # tiles set per config by _config.set_tma_blocks); else through pointers (cp.async on sm_80).
+    # Side tiles (z, g) are stored and read back with ordinary stores and loads, never by TMA, so no
+    # proxy fence is needed between the two kinds of programs: acquire / release on the flags orders
+    # them as before.
+    # sched_ptr: [0] the ticket counter, [1] programs finished, [2] row blocks whose dM part is
+    # written, then a ready flag per row block, then (FACTOR) one per column tile. Zero at launch.
+    #
+    # Roles come from tickets, not program ids (CUDA does not promise to start blocks in id order).
+    # With FACTOR the first cdiv(N, BLOCK_N) tickets compute E = P (Q) column tile by column tile.
+    # The rest run group by group; a group is up to GROUP_M row blocks: first their side programs,
+    # then their output tiles column by column, so consecutive programs share a tile of B in L2 and
+    # a group's rows of A stay in L2 across its columns.
+    # Deadlock freedom: a program waits only on flags set by programs with lower tickets (an output
+    # tile on its group's side programs and on the factor programs, the last side program of a
+    # backward's dM on nothing: it only sums what was released before its increment). A program
+    # holding a lower ticket took it earlier, so it is running or done: it has an SM and finishes
+    # without waiting on anyone later. Every wait comes after the waiting program's own main loop.
+    pid = tl.atomic_add(sched_ptr, 1)
     n_row_blocks = tl.cdiv(T, BLOCK_M)
-    group_size = GROUP_M * (1 + tl.cdiv(N, BLOCK_N))
-    group = pid // group_size
-    first_row_block = group * GROUP_M
-    rows_in_group = tl.minimum(n_row_blocks - first_row_block, GROUP_M)
-    local = pid - group * group_size
-    if local < rows_in_group:
-        _side_program(
-            a_ptr, c_ptr, side_ptr, flags_ptr, first_row_block + local, T, R, K,
-            stride_at, stride_ar, stride_cr, stride_ck,
-            K_PAD, PRECISION, BLOCK_M, BLOCK_R,
+    n_col_tiles = tl.cdiv(N, BLOCK_N)
+    flags_ptr = sched_ptr + 3
+    col_flags_ptr = flags_ptr + n_row_blocks
+    n_factor = n_col_tiles if FACTOR else 0
+    if pid < n_factor:
+        _factor_program(
+            f_ptr, m_ptr, e_ptr, col_flags_ptr, pid, N, K, scale,
+            stride_fn, stride_fk, stride_mk, stride_mj, K_PAD, BLOCK_N,
         )  # fmt: skip
     else:
-        tile = local - rows_in_group
-        _output_program(
-            a_ptr, b_ptr, e_ptr, bias_ptr, out_ptr, side_ptr, flags_ptr,
-            first_row_block + tile % rows_in_group, tile // rows_in_group, T, R, N, K,
-            stride_at, stride_ar, stride_br, stride_bn, stride_en, stride_ek, stride_bias,
-            K_PAD, HAS_BIAS, PRECISION, ADAPTER_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R,
-        )  # fmt: skip
+        work = pid - n_factor
+        group_size = GROUP_M * (1 + n_col_tiles)
+        group = work // group_size
+        first_row_block = group * GROUP_M
+        rows_in_group = tl.minimum(n_row_blocks - first_row_block, GROUP_M)
+        local = work - group * group_size
+        if local < rows_in_group:
+            _side_program(
+                a_ptr, c_ptr, a_desc, c_desc, side_ptr, zs_ptr, part_ptr, dm_ptr, sched_ptr,
+                flags_ptr, first_row_block + local, T, R, K, n_row_blocks, scale,
+                stride_at, stride_ar, stride_cr, stride_ck,
+                K_PAD, GRAD_M, PRECISION, TMA, BLOCK_M, BLOCK_R,
+            )  # fmt: skip
+        else:
+            tile = local - rows_in_group
+            _output_program(
+                a_ptr, b_ptr, a_desc, b_desc, e_ptr, bias_ptr, out_ptr, side_ptr, flags_ptr,
+                col_flags_ptr, first_row_block + tile % rows_in_group, tile // rows_in_group,
+                T, R, N, K,
+                stride_at, stride_ar, stride_br, stride_bn, stride_en, stride_ek, stride_bias,
+                K_PAD, HAS_BIAS, FACTOR, PRECISION, ADAPTER_PRECISION, TMA, B_ROWS_ARE_N,
+                BLOCK_M, BLOCK_N, BLOCK_R,
+            )  # fmt: skip
+    # The program that finishes last puts the schedule back to zero for the next launch, so no
+    # launch needs a memset first (and a captured CUDA graph replays correctly): every other program
+    # has taken its ticket and passed its waits before its own increment here.
+    tl.debug_barrier()
+    n_programs = n_factor + n_row_blocks * (1 + n_col_tiles)
+    if tl.atomic_add(sched_ptr + 1, 1, sem="acq_rel") == n_programs - 1:
+        n_flags = n_row_blocks + n_factor
+        for i in range(0, n_flags, 1024):
+            offs = i + tl.arange(0, 1024)
+            tl.store(flags_ptr + offs, tl.zeros((1024,), dtype=tl.int32), mask=offs < n_flags)
+        head = tl.arange(0, 4)
+        tl.store(sched_ptr + head, tl.zeros((4,), dtype=tl.int32), mask=head < 3)
 
 
 def _padded_rank(rank: int) -> int:
@@ -191,32 +340,86 @@ def _padded_rank(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
 
+# One schedule buffer per (device, stream), zeroed once: the kernel leaves it at zero when it ends.
+# Launches on one stream run one after another, so they can share it; another stream gets its own.
+_SCHEDULES: dict[tuple, Tensor] = {}
+_MIN_SCHEDULE = 4096
+
+
+def _schedule(device: torch.device, n: int) -> Tensor:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    buf = _SCHEDULES.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _SCHEDULES[key] = torch.zeros(max(n, _MIN_SCHEDULE), dtype=torch.int32, device=device)
+    return buf
+
+
 def _launch(
     a: Tensor, b: Tensor, c: Tensor, e: Tensor, bias: Tensor | None,
     out: Tensor, side: Tensor, adapter_precision: str,
+    factor: tuple[Tensor, Tensor, float] | None = None,
+    grad_m: tuple[Tensor, Tensor] | None = None,
 ) -> None:  # fmt: skip
-    """out = A B + bias + side E^T and side = A C (module docstring); out may have N = 0 columns."""
+    """out = A B + bias + side E^T and side = A C (module docstring); out may have N = 0 columns.
+    factor = (F, M', s): E (N, K) fp32 is scratch that the launch fills with s F M' first.
+    grad_m = (z, dM): dM (K, K) fp32 = s side^T z, with s from factor."""
     T, R = a.shape
     N, K = b.shape[1], c.shape[1]
     if T == 0:
         return
-    # The ticket counter, then one ready flag per row block (for every config's BLOCK_M).
-    ready = torch.zeros(1 + triton.cdiv(T, MIN_BLOCK_M), dtype=torch.int32, device=a.device)
+    k_pad = _padded_rank(K)
+    n_sched = 3 + triton.cdiv(T, MIN_BLOCK_M) + triton.cdiv(N, MIN_BLOCK_N)
+    sched = _schedule(a.device, n_sched)
+    f, m, scale = factor if factor is not None else (e, e, 1.0)
+    zs, dm = grad_m if grad_m is not None else (side, e)
+    part = e
+    if grad_m is not None:
+        part = torch.empty(triton.cdiv(T, MIN_BLOCK_M), k_pad, k_pad, device=a.device)
 
     def grid(meta):
-        return (triton.cdiv(T, meta["BLOCK_M"]) * (1 + triton.cdiv(N, meta["BLOCK_N"])),)
+        n_factor = triton.cdiv(N, meta["BLOCK_N"]) if factor is not None else 0
+        return (n_factor + triton.cdiv(T, meta["BLOCK_M"]) * (1 + triton.cdiv(N, meta["BLOCK_N"])),)
 
+    descs = _descriptors(a, b, c, N, k_pad)
     device = torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext()
     with device:
         _fused_kernel[grid](
-            a, b, c, e, bias if bias is not None else e, out, side, ready,
-            T, R, N, K, max(16, triton.next_power_of_2(T)),
+            a, b, c, e, f, m, bias if bias is not None else e, out, side, zs, part, dm, sched,
+            *(descs or (None, None, None)),
+            T, R, N, K, max(16, triton.next_power_of_2(T)), float(scale),
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-            e.stride(0), e.stride(1), bias.stride(0) if bias is not None else 0,
-            K_PAD=_padded_rank(K), HAS_BIAS=bias is not None,
+            e.stride(0), e.stride(1), f.stride(0), f.stride(1), m.stride(0), m.stride(1),
+            bias.stride(0) if bias is not None else 0,
+            K_PAD=k_pad, HAS_BIAS=bias is not None, FACTOR=factor is not None,
+            GRAD_M=grad_m is not None,
             PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
             ADAPTER_PRECISION=adapter_precision,
+            TMA=descs is not None, B_ROWS_ARE_N=b.stride(0) == 1 and b.stride(1) != 1,
         )  # fmt: skip
+
+
+def _tma_wanted(a: Tensor) -> bool:
+    if TMA_MODE != "auto":
+        return TMA_MODE == "on"
+    return a.is_cuda and torch.cuda.get_device_capability(a.device) >= (9, 0)
+
+
+def _descriptors(a: Tensor, b: Tensor, c: Tensor, N: int, k_pad: int) -> tuple | None:
+    """Tensor descriptors of A, B (or B^T when B is a transposed view) and C for the TMA main loops,
+    or None where TMA cannot serve: not wanted (sm_80, ATTRSPACE_TRITON_TMA=off), no output columns,
+    a non-unit inner stride, a stride or base not 16-byte aligned, or a C tile row wider than 128 B.
+    Block shapes are placeholders until the chosen config's pre-hook sets them."""
+    if N == 0 or not _tma_wanted(a):
+        return None
+    b_rows = b.t() if b.stride(0) == 1 and b.stride(1) != 1 else b
+    width = a.element_size()
+    tensors = (a, b_rows, c)
+    if k_pad * width > 128 or any(
+        t.stride(1) != 1 or (t.stride(0) * width) % 16 or t.data_ptr() % 16 for t in tensors
+    ):
+        return None
+    return tuple(TensorDescriptor.from_tensor(t, [16, 16]) for t in tensors)
 
 
 def _check_matrix(name: str, t: Tensor, shape: tuple[int, int], dtype: torch.dtype, device) -> None:
@@ -350,3 +553,73 @@ def subspace_linear_backward(
     # No output columns: the launch runs only the side programs.
     _launch(dy, weight[:, :0], U, Q, None, g, g, precision)
     return None, g
+
+
+def _check_factored(name: str, a: Tensor, U: Tensor, V: Tensor, M: Tensor, scale: float) -> None:
+    d_out, d_in, K = U.shape[0], V.shape[0], M.shape[0]
+    _check_matrix("U", U, (d_out, K), a.dtype, a.device)
+    _check_matrix("V", V, (d_in, K), a.dtype, a.device)
+    _check_matrix("M", M, (K, K), torch.float32, a.device)
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+
+
+def subspace_linear_forward_factored(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    U: Tensor,
+    V: Tensor,
+    M: Tensor,
+    scale: float,
+    *,
+    out: Tensor | None = None,
+    z_out: Tensor | None = None,
+    adapter_precision: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """subspace_linear_forward with P = scale U M formed inside the same launch (its first programs,
+    column tile by column tile): one launch per forward. M: (K, K) fp32; U: (d_out, K) in x.dtype."""
+    precision = _check_common("x", x, weight, "V", V, adapter_precision)
+    (T, d_in), d_out, K = x.shape, weight.shape[0], V.shape[1]
+    _check_matrix("weight", weight, (d_out, d_in), x.dtype, x.device)
+    _check_factored("x", x, U, V, M, scale)
+    if bias is not None and (tuple(bias.shape) != (d_out,) or bias.dtype != x.dtype):
+        raise ValueError(f"bias must be ({d_out},) {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    y = _check_output("out", out, (T, d_out), x.dtype, x.device)
+    z = _check_output("z_out", z_out, (T, K), x.dtype, x.device)
+    P = torch.empty(d_out, K, dtype=torch.float32, device=x.device)
+    _launch(x, weight.t(), V, P, bias, y, z, precision, factor=(U, M, scale))
+    return y, z
+
+
+def subspace_linear_backward_factored(
+    dy: Tensor,
+    weight: Tensor,
+    U: Tensor,
+    V: Tensor,
+    M: Tensor,
+    z: Tensor,
+    scale: float,
+    need_dx: bool = True,
+    *,
+    adapter_precision: str | None = None,
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """The whole backward in one launch: Q = scale V M^T (first programs), g = dy U, dx = dy W + g Q^T
+    (unless need_dx is False) and dM = scale g^T z, reduced inside the launch in a fixed order.
+    z: (T, K) as the forward returned it. Returns dx (dy.dtype) or None, g and dM (fp32)."""
+    precision = _check_common("dy", dy, weight, "U", U, adapter_precision)
+    (T, d_out), d_in, K = dy.shape, weight.shape[1], U.shape[1]
+    _check_matrix("weight", weight, (d_out, d_in), dy.dtype, dy.device)
+    _check_factored("dy", dy, U, V, M, scale)
+    _check_matrix("z", z, (T, K), dy.dtype, dy.device)
+    if not z.is_contiguous():
+        raise ValueError("z must be contiguous")
+    g = torch.empty(T, K, dtype=torch.float32, device=dy.device)
+    dm = torch.empty(K, K, dtype=torch.float32, device=dy.device) if T else M.new_zeros(K, K)
+    Q = torch.empty(d_in, K, dtype=torch.float32, device=dy.device)
+    if need_dx:
+        dx = torch.empty(T, d_in, dtype=dy.dtype, device=dy.device)
+        _launch(dy, weight, U, Q, None, dx, g, precision, (V, M.t(), scale), (z, dm))
+        return dx, g, dm
+    _launch(dy, weight[:, :0], U, Q, None, g, g, precision, (V, M.t(), scale), (z, dm))
+    return None, g, dm

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from attrspace import backends
@@ -33,31 +34,45 @@ class SubspaceLinearFn(torch.autograd.Function):
         impl = backends.implementation(backend)
         d_in, d_out = weight.shape[1], weight.shape[0]
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, d_in).contiguous()
+        # (each skipped no-op call is host time saved on every step: bench/bench_host.py)
+        x2 = x if x.ndim == 2 and x.is_contiguous() else x.reshape(-1, d_in).contiguous()
         acc = accum_dtype(x.dtype)
-        P = scale * (U.to(acc) @ M.to(acc))
-        y, z = impl.forward(x2, weight, bias, V, P)
+        M = M if M.dtype == acc else M.to(acc)
+        # A backend with whole-layer entry points forms P (and Q, and reduces dM) inside its launches.
+        ctx.factored = hasattr(impl, "forward_factored")
+        if ctx.factored:
+            y, z = impl.forward_factored(x2, weight, bias, U, V, M, scale)
+        else:
+            P = torch.mm(U if U.dtype == acc else U.to(acc), M).mul_(scale)
+            y, z = impl.forward(x2, weight, bias, V, P)
         ctx.save_for_backward(z, weight, U, V, M)
         ctx.scale = scale
         ctx.backend = backend
         ctx.x_shape = x.shape
-        return y.reshape(*lead, d_out)
+        return y if x2 is x else y.reshape(*lead, d_out)
 
     @staticmethod
     def backward(ctx, dy):
         z, weight, U, V, M = ctx.saved_tensors
         need_dx, need_dm = ctx.needs_input_grad[0], ctx.needs_input_grad[5]
-        dy2 = dy.reshape(-1, weight.shape[0]).contiguous()
+        two_d = dy.ndim == 2 and dy.is_contiguous()
+        dy2 = dy if two_d else dy.reshape(-1, weight.shape[0]).contiguous()
         acc = accum_dtype(dy.dtype)
         dx = dm = None
+        if ctx.factored:
+            impl = backends.implementation(ctx.backend)
+            dx, dm = impl.backward_factored(dy2, weight, U, V, M, z, ctx.scale, need_dx)
+            if need_dx and not two_d:
+                dx = dx.reshape(ctx.x_shape)
+            return dx, None, None, None, None, dm if need_dm else None, None, None
         if need_dx:
-            Q = ctx.scale * (V.to(acc) @ M.to(acc).t())
+            Q = torch.mm(V if V.dtype == acc else V.to(acc), M.t()).mul_(ctx.scale)
             dx, g = backends.implementation(ctx.backend).backward(dy2, weight, U, Q, True)
-            dx = dx.reshape(ctx.x_shape)
+            dx = dx if two_d else dx.reshape(ctx.x_shape)
         elif need_dm:
             g = dy2.to(acc) @ U.to(acc)
         if need_dm:
-            dm = grad_m(g, z, ctx.scale).to(M.dtype)
+            dm = grad_m(g, z, ctx.scale)
         return dx, None, None, None, None, dm, None, None
 
 
@@ -120,15 +135,45 @@ def subspace_linear(
     """
     device_type = x.device.type
     # Devices without autocast (meta, where whole-model memory is counted) skip both autocast steps.
-    autocast = torch.amp.is_autocast_available(device_type)
-    if autocast and torch.is_autocast_enabled(device_type):
+    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(
+        device_type
+    )
+    if autocast:
         dtype = torch.get_autocast_dtype(device_type)
         x, weight, U, V = (t.to(dtype) for t in (x, weight, U, V))
         bias = bias.to(dtype) if bias is not None else None
     _check(x, weight, bias, U, V, M)
-    if not torch.compiler.is_compiling():
-        backends.preload(backend)
+    if backend not in _PRELOADED and not torch.compiler.is_compiling():
+        backends.preload(backend)  # imports; select() re-reads ATTRSPACE_BACKEND on every call
+        _PRELOADED.add(backend)
     name = backends.select(backend, x, weight, M.shape[0])
+    # autocast must not re-cast inside the passes; entering a context costs host time, so only then
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+        if name == "torch" and _few_tokens_in_fp32(x, weight, M):
+            return _composed(x, weight, bias, U, V, M, float(scale)), name
         y = SubspaceLinearFn.apply(x, weight, bias, U, V, M, float(scale), name)
     return y, name
+
+
+def _few_tokens_in_fp32(x: Tensor, weight: Tensor, M: Tensor) -> bool:
+    """fp32 / fp64 with fewer tokens than the fold's cost pays for: T (d_in + d_out) < d_in d_out."""
+    if x.dtype not in (torch.float32, torch.float64) or M.dtype != x.dtype:
+        return False
+    d_out, d_in = weight.shape
+    return x.numel() // d_in * (d_in + d_out) < d_in * d_out
+
+
+def _composed(x, weight, bias, U, V, M, scale: float) -> Tensor:
+    """The layer from built-in differentiable ops, for the torch backend in fp32 / fp64 at few
+    tokens: no Python autograd.Function, whose apply and Python backward cost more host time than
+    the arithmetic (bench/bench_host.py). Autograd still saves only z = x V and the frozen tensors:
+    x V saves V (x's gradient needs only V), z M^T saves z and M, and the products with the frozen
+    W and U save W and U. The two fp32 roundings (base, then adapter) cost ~1e-7 relative."""
+    base, h = F.linear(x, weight, bias), F.linear(torch.matmul(x, V), M)
+    if x.ndim == 2:
+        return torch.addmm(base, h, U.t(), alpha=scale)
+    lead = x.shape[:-1]
+    return torch.addmm(base.flatten(0, -2), h.flatten(0, -2), U.t(), alpha=scale).unflatten(0, lead)
+
+
+_PRELOADED: set[str] = set()

@@ -5,6 +5,9 @@ backward, the randomized SVD's steps); a backend is one module here that defines
 names, with unavailable_reason() (why it cannot run on this machine) and unsupported_reasons(x, weight,
 rank) (why it cannot run these inputs); `registry` lists the modules. To add a backend, write the
 module and add its name to registry._MODULES. See docs/design.md, "Backends".
+Optionally a backend also defines the whole-layer pair (`ops`: forward_factored, backward_factored),
+which adapters.functional uses when present, so that a kernel backend forms P, Q and dM inside its own
+launches.
 
 The backends here:
 - "torch":  torch_backend, plain torch on any device (a folded weight in fp32, one GEMM over the

@@ -6,6 +6,11 @@ Adapter ops (every backend defines both, and `unsupported_reasons` for its limit
     forward(x, weight, bias, V, P) -> (y, z)        x (T, d_in); P = s U M, fp32; see reference.forward
     backward(dy, weight, U, Q, need_dx) -> (dx, g)  Q = s V M^T, fp32; g fp32; see reference.backward
 
+Whole-layer adapter ops (optional; adapters.functional uses them when a backend defines them, so
+that a kernel backend forms P, Q and dM inside its own launches):
+    forward_factored(x, weight, bias, U, V, M, scale) -> (y, z)
+    backward_factored(dy, weight, U, V, M, z, scale, need_dx) -> (dx or None, dM)
+
 Randomized-SVD steps (optional; a backend that does not define one runs the torch backend's), on a
 batch of matrices of one shape:
     rsvd_matmul(a, x, transpose)        a (b, r, c) @ x (b, c, l), or a^T @ x with x (b, r, l)
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 ADAPTER_OPS = ("forward", "backward")
+WHOLE_LAYER_OPS = ("forward_factored", "backward_factored")
 RSVD_OPS = ("rsvd_matmul", "rsvd_orthonormalize", "rsvd_small_svd")
 
 

@@ -16,7 +16,10 @@ T = 2048 took 21 s concatenated against 0.45 s upcast), so CPU tensors run the r
 
 from __future__ import annotations
 
+import weakref
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from attrspace.adapters import reference
@@ -48,13 +51,48 @@ def forward(
     return y, z
 
 
+# The low-precision paths keep, per frozen weight W (d_out, d_in), one persistent buffer
+#     [[W, P], [Q^T, 0]]  of shape (d_out + K, d_in + K)
+# whose top rows are [W | P] (the forward's weight) and whose left columns are [W ; Q^T] (the
+# backward's): W is copied in once, and a step writes only P (d_out x K) or Q^T (K x d_in). cuBLAS
+# reads either block in place through its leading dimension. The buffer holds a second copy of W's
+# memory, in exchange for the two W-sized copies per step that cat() made. It is rebuilt when W is
+# modified in place (its version counter moves). torch.compile traces the cat() form instead.
+_BUFFERS: dict[int, tuple] = {}  # id(W) -> (weakref to W, W's version, buffer)
+
+
+def _weight_buffer(weight: Tensor, rank: int) -> Tensor:
+    entry = _BUFFERS.get(id(weight))
+    if (
+        entry is not None
+        and entry[0]() is weight
+        and entry[1] == weight._version
+        and entry[2].shape[0] == weight.shape[0] + rank
+    ):
+        return entry[2]
+    d_out, d_in = weight.shape
+    buf = weight.new_zeros(d_out + rank, d_in + rank)
+    buf[:d_out, :d_in] = weight
+    key = id(weight)
+    # (a Tensor cannot key a WeakKeyDictionary: its == is elementwise)
+    ref = weakref.ref(weight, lambda _, key=key: _BUFFERS.pop(key, None))
+    _BUFFERS[key] = (ref, weight._version, buf)
+    return buf
+
+
 def forward_concat(
     x: Tensor, weight: Tensor, bias: Tensor | None, V: Tensor, P: Tensor
 ) -> tuple[Tensor, Tensor]:
     """bf16 / fp16 forward as one GEMM over [x | z] and [W | P]."""
     z = x @ V
     xz = torch.cat((x, z), dim=1)
-    wp = torch.cat((weight, P.to(x.dtype)), dim=1)
+    d_out, K = weight.shape[0], V.shape[1]
+    if torch.compiler.is_compiling():
+        wp = torch.cat((weight, P.to(x.dtype)), dim=1)
+    else:
+        buf = _weight_buffer(weight, K)
+        buf[:d_out, -K:] = P
+        wp = buf[:d_out]
     y = torch.addmm(bias, xz, wp.t()) if bias is not None else xz @ wp.t()
     return y, z
 
@@ -79,9 +117,49 @@ def backward_concat(
     g = dy @ U
     dx = None
     if need_dx:
-        wq = torch.cat((weight, Q.to(dy.dtype).t()), dim=0)
+        d_in, K = weight.shape[1], U.shape[1]
+        if torch.compiler.is_compiling():
+            wq = torch.cat((weight, Q.to(dy.dtype).t()), dim=0)
+        else:
+            buf = _weight_buffer(weight, K)
+            buf[-K:, :d_in] = Q.t()
+            wq = buf[:, :d_in]
         dx = torch.cat((dy, g), dim=1) @ wq
     return dx, g.float()
+
+
+def forward_factored(
+    x: Tensor, weight: Tensor, bias: Tensor | None, U: Tensor, V: Tensor, M: Tensor, scale: float
+) -> tuple[Tensor, Tensor]:
+    """forward() from the factors (M in fp32, fp64 for fp64): in fp32 / fp64 the scale goes into the
+    fold W + s (U M) V^T, so a step costs fewer ops (host time at small shapes)."""
+    if x.dtype in _LOW_PRECISION:
+        return forward(x, weight, bias, V, torch.mm(U.to(M.dtype), M).mul_(scale))
+    w_eff = torch.addmm(
+        weight, torch.mm(U, M if M.dtype == x.dtype else M.to(x.dtype)), V.t(), alpha=scale
+    )
+    return F.linear(x, w_eff, bias), torch.mm(x, V)
+
+
+def backward_factored(
+    dy: Tensor, weight: Tensor, U: Tensor, V: Tensor, M: Tensor, z: Tensor, scale: float,
+    need_dx: bool,
+) -> tuple[Tensor | None, Tensor]:  # fmt: skip
+    """dx (None unless need_dx) and dM = s g^T z in M's dtype: dx = dy (W + s U M V^T) with the
+    forward's fold recomputed (not saved: it is W-sized)."""
+    if dy.dtype in _LOW_PRECISION:
+        Q = torch.mm(V.to(M.dtype), M.t()).mul_(scale) if need_dx else None
+        dx, g = (
+            backward(dy, weight, U, Q, True) if need_dx else (None, dy.to(M.dtype) @ U.to(M.dtype))
+        )
+    else:
+        g = torch.mm(dy, U)
+        dx = None
+        if need_dx:
+            UM = torch.mm(U, M if M.dtype == dy.dtype else M.to(dy.dtype))
+            dx = torch.mm(dy, torch.addmm(weight, UM, V.t(), alpha=scale))
+    dm = torch.mm(g.t(), z if z.dtype == g.dtype else z.to(g.dtype)).mul_(scale)
+    return dx, dm if dm.dtype == M.dtype else dm.to(M.dtype)
 
 
 # Randomized-SVD steps (attrspace.backends.ops): the reference every other backend's steps match.

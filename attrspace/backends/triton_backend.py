@@ -117,6 +117,60 @@ def backward(
     return (dx if need_dx else None), g
 
 
+# The whole-layer entry points (functional.SubspaceLinearFn uses them when a backend has them): P and
+# Q are formed and dM is reduced inside the fused launches, so a forward is one launch and a backward
+# one more (plus autograd's `M.grad +=` when a gradient is already there).
+@torch.library.custom_op("attrspace::triton_subspace_forward_factored", mutates_args=())
+def _forward_factored_op(
+    x: Tensor, weight: Tensor, bias: Tensor | None, U: Tensor, V: Tensor, M: Tensor, scale: float
+) -> tuple[Tensor, Tensor]:
+    return _kernels().subspace_linear_forward_factored(x, weight, bias, U, V, M, scale)
+
+
+@_forward_factored_op.register_fake
+def _forward_factored_fake(x, weight, bias, U, V, M, scale):
+    return reference.empty_forward_outputs(x, weight, V)
+
+
+@torch.library.custom_op("attrspace::triton_subspace_backward_factored", mutates_args=())
+def _backward_factored_op(
+    dy: Tensor, weight: Tensor, U: Tensor, V: Tensor, M: Tensor, z: Tensor, scale: float,
+    need_dx: bool,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    dx, _, dm = _kernels().subspace_linear_backward_factored(dy, weight, U, V, M, z, scale, need_dx)
+    if dx is None:
+        dx = reference.empty_backward_outputs(dy, weight, U, False)[0]
+    return dx, dm
+
+
+@_backward_factored_op.register_fake
+def _backward_factored_fake(dy, weight, U, V, M, z, scale, need_dx):
+    dx = reference.empty_backward_outputs(dy, weight, U, need_dx)[0]
+    return dx, M.new_empty(M.shape)
+
+
+def forward_factored(
+    x: Tensor, weight: Tensor, bias: Tensor | None, U: Tensor, V: Tensor, M: Tensor, scale: float
+) -> tuple[Tensor, Tensor]:
+    """y and z as forward() with P = scale U M formed in the same launch; M (K, K) fp32."""
+    if torch.compiler.is_compiling():
+        return _forward_factored_op(x, weight, bias, U, V, M, scale)
+    # Eager: the launcher directly (a custom op's dispatch costs more host time than the launch).
+    return _kernels().subspace_linear_forward_factored(x, weight, bias, U, V, M, scale)
+
+
+def backward_factored(
+    dy: Tensor, weight: Tensor, U: Tensor, V: Tensor, M: Tensor, z: Tensor, scale: float,
+    need_dx: bool,
+) -> tuple[Tensor | None, Tensor]:  # fmt: skip
+    """dx (None unless need_dx) and dM = scale g^T z (fp32), with Q formed, in one launch."""
+    if torch.compiler.is_compiling():
+        dx, dm = _backward_factored_op(dy, weight, U, V, M, z, scale, need_dx)
+        return (dx if need_dx else None), dm
+    dx, _, dm = _kernels().subspace_linear_backward_factored(dy, weight, U, V, M, z, scale, need_dx)
+    return dx, dm
+
+
 # Randomized-SVD steps (attrspace.backends.ops): the batched GEMM and CholeskyQR kernels of
 # attrspace.kernels.rsvd; the small SVDs run the torch backend's.
 

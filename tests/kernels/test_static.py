@@ -49,7 +49,15 @@ def test_every_autotune_config_is_compiled_for_both_targets(aot_report, triton_f
     fused = [f for f in triton_figures if f["kernel"].endswith("_fused_kernel")]
     for arch in (90, 80):
         bf16 = [f for f in fused if f["arch"] == arch and "ADAPTER_PRECISION=input" in f["config"]]
-        assert len(bf16) == tried[str(arch)], [f["config"] for f in bf16]
+        # forward (bias, bf16 z) and backward (no bias, fp32 g) of every config, and the g-only
+        # backward (no output columns) of the first
+        for pass_name, count in (("forward", tried[str(arch)]), ("backward", tried[str(arch)])):
+            configs = [f["config"] for f in bf16 if f["config"].startswith(pass_name + " ")]
+            assert len(configs) == count, (pass_name, configs)
+        assert sum(f["config"].startswith("g_only ") for f in bf16) == 1
+        assert any(
+            "BLOCK_N=256" in f["config"] for f in bf16 if f["config"].startswith("backward ")
+        ) == (arch == 90)
     assert {f["target"] for f in triton_figures if f["arch"] == 90} == {"sm_90a"}
     assert {f["target"] for f in triton_figures if f["arch"] == 80} == {"sm_80"}
 
@@ -61,6 +69,19 @@ def test_tensor_core_kernels_use_wgmma_on_hopper(triton_figures):
                 assert f["wgmma"] > 0 and f["mma_sync"] == 0, f
             else:
                 assert f["mma_sync"] > 0 and f["wgmma"] == 0, f
+
+
+def test_hopper_main_loops_load_through_tensor_descriptors(triton_figures):
+    # bf16 / fp16 forward and backward on sm_90a: bulk tensor copies (UTMALDG) feed HGMMA
+    hopper = [
+        f for f in triton_figures
+        if f["kernel"].endswith("_fused_kernel") and f["arch"] == 90 and "TMA=True" in f["config"]
+    ]  # fmt: skip
+    passes = {f["config"].split()[0] for f in hopper}
+    assert passes == {"forward", "backward"}, passes
+    assert len(hopper) >= 16, len(hopper)  # every config of bf16 and fp16, both passes
+    for f in hopper:
+        assert f["tma_loads"] > 0 and f["sass_mma"] > 0 and f["wgmma"] > 0, f
 
 
 def test_no_register_spills_and_shared_memory_fits(triton_figures):
