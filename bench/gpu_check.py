@@ -32,6 +32,7 @@ from torch import nn
 import attrspace
 from attrspace import backends
 from attrspace.adapters import reference
+from attrspace.measure import lineup
 from attrspace.measure.profiling import time_steps
 from attrspace.testing import layer_inputs, relative_error
 
@@ -122,33 +123,27 @@ def _import_peft():
 
 
 def _modules(shape, dtype, device) -> dict[str, nn.Module]:
+    """The line-up of attrspace.measure.lineup (same frozen W0 for every kind), the subspace layer once
+    per backend that can run it here; peft's LoRA where peft imports."""
     _, d_in, d_out, K = shape
 
-    def frozen():
-        torch.manual_seed(0)
-        return nn.Linear(d_in, d_out, device=device, dtype=dtype).requires_grad_(False)
+    def layer(kind: str, backend: str = "auto") -> nn.Module:
+        return lineup.build_layer(
+            kind, d_in, d_out, K, LORA_RANK, backend=backend, dtype=dtype, device=device
+        )
 
-    out = {"frozen": frozen()}
-    U = torch.linalg.qr(torch.randn(d_out, K))[0].to(device, dtype)
-    V = torch.linalg.qr(torch.randn(d_in, K))[0].to(device, dtype)
+    out = {"frozen": layer("frozen")}
     x = torch.zeros(1, d_in, device=device, dtype=dtype)
     for name in backends.names():
-        if not backends.reasons(name, x, frozen().weight, K):
-            out[f"subspace K={K} [{name}]"] = attrspace.SubspaceLinear.from_linear(
-                frozen(), U, V, scale=2.0, backend=name
-            )
-    out[f"LoRA r={LORA_RANK}"] = attrspace.LoRALinear.from_linear(
-        frozen(), LORA_RANK, 2 * LORA_RANK
-    )
+        if not backends.reasons(name, x, out["frozen"].weight, K):
+            out[f"subspace K={K} [{name}]"] = layer("subspace", name)
+    out[f"LoRA r={LORA_RANK}"] = layer("lora")
     try:
-        peft = _import_peft()
+        _import_peft()
     except ImportError as exc:
         print(f"peft's LoRA is left out: {exc}", file=sys.stderr)
         return out
-    holder = nn.Sequential()
-    holder.add_module("layer", frozen())
-    config = peft.LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=["layer"])
-    out[f"peft LoRA r={LORA_RANK}"] = peft.get_peft_model(holder, config)
+    out[f"peft LoRA r={LORA_RANK}"] = layer("peft")
     return out
 
 

@@ -39,7 +39,7 @@ def build(
     config = config or VGGTConfig.vggt_1b(enable_point=False)
     with torch.device("meta"):
         model = VGGT(config)
-    model.aggregator.gradient_checkpointing = checkpointing
+    model.set_gradient_checkpointing(checkpointing)  # the aggregator blocks and the heads
     model.aggregator.to(dtype)
     model.requires_grad_(False)
     targets = tuple(block_linear_names(model))
