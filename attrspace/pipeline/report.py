@@ -365,7 +365,7 @@ def write_report(out: str | Path) -> Path:
         lines += ["", "## Mined subspaces", "", *_mining_section(info)]
     if info["finetune"]:
         lines += ["", "## Downstream fine-tuning", "", *_downstream_section(info)]
-    from .study_report import study_section
+    from .study.report import study_section
 
     study = study_section(out)
     if study:

@@ -81,10 +81,18 @@ def family_plan(ws: Workspace) -> dict[str, tuple[int, int]]:
     return plan
 
 
+def content_streams(ws: Workspace, family: str) -> int:
+    """Content streams of `family` (data/families.py; 1 = the family's own, and for every family
+    that is not an attribute family)."""
+    return ws.preset.data.content_streams if family in ws.preset.attributes else 1
+
+
 def data_digest(ws: Workspace, family: str) -> str:
     n, scenes = family_plan(ws)[family]
     data = ws.preset.data
-    return digest("data", family, n, scenes, data.views, data.image_size, ws.preset.seed)
+    streams = content_streams(ws, family)
+    extra = () if streams == 1 else (streams,)  # digests of earlier runs stay valid
+    return digest("data", family, n, scenes, data.views, data.image_size, ws.preset.seed, *extra)
 
 
 def render_stage(ws: Workspace) -> dict[str, str]:
@@ -111,6 +119,7 @@ def render_stage(ws: Workspace) -> dict[str, str]:
                 ws.preset.seed,
                 on_scene=lambda: bar.update(1),
                 threads=ws.preset.threads or None,
+                content_streams=content_streams(ws, family),
             )
             seconds = time.perf_counter() - start
             write_marker(tmp, "data", expected, seconds, family=family, scenes=n * scenes)

@@ -1,51 +1,64 @@
-"""The decision rule of the study, fixed before any study run (docs/study/protocol.md says the
+"""The decision rule of the study, fixed before the study run (docs/study/protocol.md says the
 same in prose). Every threshold lives here; the report only formats what `verdicts` returns.
 
 Primary endpoint: test error (loss_camera + loss_reg_depth) on the study task's test scenes. Every
-comparison of two arms is paired over data-order seeds x test scenes, with
-s.e. = max(s.e. over scenes, s.e. over seeds) (study_stats.paired_two_way). A comparison is
-"better" when diff < -2 s.e., "worse" when diff > +2 s.e., else "tie".
+comparison of two arms is paired over data-order seeds x test scenes (stats.paired_two_way):
+se = sqrt(se_scenes^2 + se_seeds^2), critical value t_{0.975} at the Welch-Satterthwaite df.
+"better" when diff < -critical x se, "worse" when diff > +critical x se, else "tie". Each arm
+trains at its own rate, chosen on validation scenes (lr.py).
 
 Gates (validity of the protocol, not claims):
-- G1 LoRAs learn: for every attribute, median over (LoRA, block linear) of ||A - A0|| / ||A0||
-  >= 0.35 and median share of the update's energy in A0's row space <= 0.75.
-- G2 headroom: zero-shot is worse than full fine-tuning by > 2 s.e.
-A failed G1 makes every claim inconclusive (the subspaces would mirror the random init); a failed
-G2 makes (b) and (c) inconclusive (no room for methods to differ).
+- G0 blocks that matter: (i) block-only LoRA recovers >= 1/2 of all-LoRA's validation gain over
+  zero-shot (each at its chosen rate; all-LoRA's gain > 0), and (ii) Gaussian noise of 0.5 x ||W||
+  on every block linear moves the predicted depth by >= 5% (mean |d' - d| / d) and the pose
+  encoding by >= 5% (mean ||p' - p|| / ||p||) on the validation scenes.
+- G1 LoRAs learn: in every LoRA set, for every attribute, median over (LoRA, block linear) of
+  ||A - A0|| / ||A0|| >= 0.35 and median share of the update's energy in A0's row space <= 0.75.
+- G2 headroom: zero-shot is worse than full fine-tuning ("worse" above).
+A failed G1 makes every claim inconclusive; a failed G2 makes (b) and (c) inconclusive; a failed
+G0 makes (b) and (c) "not testable at this scale" (the blocks, where the bank lives, do not carry
+the prediction, so no block method can differ).
 
-(a) Attribute subspaces are specific and near-disentangled.
-    specific: yes when the permutation p-value of (within - between update similarity) < 0.01
-    and the held-out LoRA's own attribute captures more of it than every other attribute for
-    >= 75% of the LoRAs; no when p >= 0.05 or that share < 50%.
-    near-disentangled: r = mean 1 - cos(theta_1) over layers and pairs divided by the same mean
-    for random subspaces of the same sizes, for column and row spaces; yes when both r >= 0.9,
-    no when either r < 0.6.
+(a) Attribute subspaces are specific and near-disentangled (LoRA set 0; set 1 is reported).
+    specific: yes when the permutation p-value of (within - between update similarity), over the
+    LoRA pairs that share no content stream (all pairs when the families have one stream), is
+    < 0.01 and the held-out LoRA's own attribute captures more of it than every other attribute
+    for >= 75% of the LoRAs; no when p >= 0.05 or that share < 50%.
+    near-disentangled: r = mean 1 - cos(theta_1) over layers and attribute pairs divided by the
+    same mean for random subspaces of the same sizes, for column and row spaces; yes when both
+    r >= 0.9, no when either r < 0.6. (Split-half and shuffled-group references are reported.)
     holds: specific and near-disentangled both yes; refuted: either no; else inconclusive.
-(b) The mined bank beats LoRA r=16 with at most 1/3 of its trainable parameters.
-    Eligible arms: "subspace" (mined bank + heads' LoRA) and "bank:mined" (bank only) whose
-    trainable parameters are <= 1/3 of the "lora" arm's. holds: some eligible arm is better than
-    lora; refuted: no arm is eligible, or every eligible arm is worse; else inconclusive.
-(c) Mining by attribute matters: bank-only mined is better than every random bank, the shuffled
-    bank and the pooled bank, and mined + heads is better than heads-only.
-    holds: all of these comparisons better; refuted: any of them worse; else inconclusive.
+(b) The mined bank beats LoRA r=16 with at most 1/3 of its trainable parameters. The heads'
+    adaptation is the same in both arms of each comparison, so parameters are counted in the
+    blocks: "subspace" (bank + heads' LoRA) vs "lora" (LoRA on blocks and heads), and
+    "bank:mined" vs "block-lora" (blocks only, no heads' adaptation in either). A comparison is
+    eligible when the bank arm's block parameters are <= 1/3 of the LoRA arm's.
+    holds: some eligible comparison better and none worse; refuted: every eligible comparison
+    worse; no eligible comparison, or anything else: inconclusive.
+(c) Mining by attribute matters: bank-only mined is better than the random, the shuffled and the
+    pooled bank (each seed with its own draw of the control), and mined + heads is better than
+    heads-only. holds: all better; refuted: any worse; else inconclusive.
 """
 
 from __future__ import annotations
 
-from .study_stats import paired_two_way
+from .stats import paired_two_way
 
 LORA_MOVE_MIN, INIT_ENERGY_MAX = 0.35, 0.75
 SPECIFIC_P, NOT_SPECIFIC_P = 0.01, 0.05
 WIN_YES, WIN_NO = 0.75, 0.5
 DISENTANGLED_YES, DISENTANGLED_NO = 0.9, 0.6
 PARAM_RATIO_MAX = 1 / 3
-SE_MULTIPLE = 2.0
+BLOCK_GAIN_MIN = 0.5
+PERTURB_DEPTH_MIN, PERTURB_POSE_MIN = 0.05, 0.05
+NOT_TESTABLE = "not testable at this scale"
 
 
 def outcome(comparison: dict) -> str:
-    if comparison["diff"] < -SE_MULTIPLE * comparison["se"]:
+    bound = comparison["critical"] * comparison["se"]
+    if comparison["diff"] < -bound:
         return "better"
-    if comparison["diff"] > SE_MULTIPLE * comparison["se"]:
+    if comparison["diff"] > bound:
         return "worse"
     return "tie"
 
@@ -70,21 +83,51 @@ def compare(arms: dict[str, list[dict]], a: str, b: str) -> dict:
     return out
 
 
-def gates(stats: dict, arms: dict[str, list[dict]]) -> dict:
-    per_attribute = {
-        a: {
-            **g,
-            "pass": g["median_rel_change"] >= LORA_MOVE_MIN
-            and g["median_init_energy"] <= INIT_ENERGY_MAX,
-        }
-        for a, g in stats["gates"].items()
-    }
-    headroom = compare(arms, "zero-shot", "full")
+def gate_g0(rates: dict, perturbation: dict) -> dict:
+    """G0 from the validation searches (rates.json) and the perturbation of the block linears."""
+    zero = rates["zero_shot_val_error"]
+    gain_all = zero - rates["arms"]["lora"]["val_error"]
+    gain_blocks = zero - rates["arms"]["block-lora"]["val_error"]
+    share = gain_blocks / gain_all if gain_all > 0 else float("nan")
+    recovers = gain_all > 0 and gain_blocks >= BLOCK_GAIN_MIN * gain_all
+    moves = (
+        perturbation["depth_change"] >= PERTURB_DEPTH_MIN
+        and perturbation["pose_change"] >= PERTURB_POSE_MIN
+    )
     return {
-        "loras": per_attribute,
-        "G1": all(g["pass"] for g in per_attribute.values()),
+        "zero_shot_val": zero,
+        "gain_all": gain_all,
+        "gain_blocks": gain_blocks,
+        "share": share,
+        "recovers": recovers,
+        "perturbation": perturbation,
+        "moves": moves,
+        "pass": recovers and moves,
+    }
+
+
+def gates(sets: list[dict], rates: dict, arms: dict[str, list[dict]]) -> dict:
+    per_set = []
+    for stats in sets:
+        per_set.append(
+            {
+                a: {
+                    **g,
+                    "pass": g["median_rel_change"] >= LORA_MOVE_MIN
+                    and g["median_init_energy"] <= INIT_ENERGY_MAX,
+                }
+                for a, g in stats["gates"].items()
+            }
+        )
+    headroom = compare(arms, "zero-shot", "full")
+    g0 = gate_g0(rates, sets[0]["perturbation"])
+    return {
+        "loras": per_set,
+        "G0": g0["pass"],
+        "g0": g0,
+        "G1": all(g["pass"] for s in per_set for g in s.values()),
         "headroom": headroom,
-        "G2": headroom["diff"] > SE_MULTIPLE * headroom["se"],
+        "G2": headroom["outcome"] == "worse",
     }
 
 
@@ -98,13 +141,9 @@ def disentanglement(mine_summary: dict) -> dict:
     return out
 
 
-def verdicts(stats: dict, mine_summary: dict, arms: dict[str, list[dict]]) -> dict:
-    """Gates, the comparisons and the verdict of each claim (see the module doc)."""
-    g = gates(stats, arms)
-    result: dict = {"gates": g}
-    # (a)
-    p = stats["specificity"]["p_value"]
-    wins = stats["own_capture_wins"]
+def claim_a(stats: dict, mine_summary: dict) -> dict:
+    test = stats.get("specificity_no_shared_content") or stats["specificity"]
+    p, wins = test["p_value"], stats["own_capture_wins"]
     dis = disentanglement(mine_summary)
     low = min(dis["col"]["ratio"], dis["row"]["ratio"])
     specific = "yes" if p < SPECIFIC_P and wins >= WIN_YES else "no"
@@ -112,46 +151,68 @@ def verdicts(stats: dict, mine_summary: dict, arms: dict[str, list[dict]]) -> di
         specific = "unclear"
     near = "yes" if low >= DISENTANGLED_YES else ("no" if low < DISENTANGLED_NO else "unclear")
     a = "holds" if specific == near == "yes" else ("refuted" if "no" in (specific, near) else "")
-    result["a"] = {
+    return {
         "verdict": a or "inconclusive",
         "specific": specific,
         "near_disentangled": near,
         "p_value": p,
+        "content_controlled": "specificity_no_shared_content" in stats
+        and stats["specificity_no_shared_content"] is not None,
         "own_capture_wins": wins,
         "disentanglement": dis,
     }
-    # (b)
-    lora_params = arms["lora"][0]["trainable_params"]
+
+
+def claim_b(arms: dict[str, list[dict]]) -> dict:
     rows = []
-    for arm in ("subspace", "bank:mined"):
-        c = compare(arms, arm, "lora")
-        c["param_ratio"] = arms[arm][0]["trainable_params"] / lora_params
+    for arm, against in (("subspace", "lora"), ("bank:mined", "block-lora")):
+        c = compare(arms, arm, against)
+        c["param_ratio"] = arms[arm][0]["block_params"] / arms[against][0]["block_params"]
         c["eligible"] = c["param_ratio"] <= PARAM_RATIO_MAX
         rows.append(c)
-    eligible = [c for c in rows if c["eligible"]]
-    if any(c["outcome"] == "better" for c in eligible):
-        b = "holds"
-    elif not eligible or all(c["outcome"] == "worse" for c in eligible):
-        b = "refuted"
+    eligible = [c["outcome"] for c in rows if c["eligible"]]
+    if "better" in eligible and "worse" not in eligible:
+        verdict = "holds"
+    elif eligible and all(o == "worse" for o in eligible):
+        verdict = "refuted"
     else:
-        b = "inconclusive"
-    result["b"] = {"verdict": b, "comparisons": rows}
-    # (c)
-    controls = [x for x in arms if x.startswith("bank:random")] + ["bank:shuffled", "bank:pooled"]
-    rows = [compare(arms, "bank:mined", x) for x in controls]
+        verdict = "inconclusive"
+    return {"verdict": verdict, "comparisons": rows}
+
+
+def claim_c(arms: dict[str, list[dict]]) -> dict:
+    rows = [compare(arms, "bank:mined", x) for x in ("bank:random", "bank:shuffled", "bank:pooled")]
     rows.append(compare(arms, "subspace", "heads"))
     outcomes = [c["outcome"] for c in rows]
-    c_verdict = (
-        "holds"
-        if all(o == "better" for o in outcomes)
-        else ("refuted" if "worse" in outcomes else "inconclusive")
-    )
-    result["c"] = {"verdict": c_verdict, "comparisons": rows}
-    # Gates override: a protocol that failed its gate cannot decide the claims it guards.
-    for claim, gate in (("a", "G1"), ("b", "G1"), ("c", "G1"), ("b", "G2"), ("c", "G2")):
-        if not g[gate] and result[claim]["verdict"] != "inconclusive":
-            result[claim]["verdict"] = "inconclusive"
-            result[claim]["gated_by"] = gate
-        elif not g[gate]:
+    if all(o == "better" for o in outcomes):
+        verdict = "holds"
+    else:
+        verdict = "refuted" if "worse" in outcomes else "inconclusive"
+    return {"verdict": verdict, "comparisons": rows}
+
+
+def verdicts(sets: list[dict], mine_summary: dict, rates: dict, arms: dict) -> dict:
+    """Gates, the comparisons and the verdict of each claim (see the module doc). sets: the
+    stats.json of every LoRA set (set 0 first)."""
+    g = gates(sets, rates, arms)
+    result = {
+        "gates": g,
+        "a": claim_a(sets[0], mine_summary),
+        "b": claim_b(arms),
+        "c": claim_c(arms),
+    }
+    # A protocol that failed a gate cannot decide the claims it guards (G1 first: it voids all).
+    for claim, gate, verdict in (
+        ("a", "G1", "inconclusive"),
+        ("b", "G1", "inconclusive"),
+        ("c", "G1", "inconclusive"),
+        ("b", "G0", NOT_TESTABLE),
+        ("c", "G0", NOT_TESTABLE),
+        ("b", "G2", "inconclusive"),
+        ("c", "G2", "inconclusive"),
+    ):
+        if not g[gate] and "gated_by" not in result[claim]:
+            result[claim]["measured"] = result[claim]["verdict"]
+            result[claim]["verdict"] = verdict
             result[claim]["gated_by"] = gate
     return result
