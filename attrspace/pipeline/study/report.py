@@ -168,9 +168,10 @@ def gate_lines(g: dict) -> list[str]:
     ]
 
 
-def rate_lines(rates: dict) -> list[str]:
+def rate_lines(rates: dict, order: list[str]) -> list[str]:
     rows = []
-    for arm, s in rates["arms"].items():
+    for arm in sorted(rates["arms"], key=lambda a: order.index(a) if a in order else len(order)):
+        s = rates["arms"][arm]
         grid = ", ".join(
             f"{lr:.3g}: {'div.' if e is None else f'{e:.4f}'}"
             for lr, e in zip(s["grid"], s["val_errors"], strict=True)
@@ -393,7 +394,7 @@ def study_section(out: Path) -> list[str]:
         "",
         *gate_lines(v["gates"]),
         "",
-        *rate_lines(info["rates"]),
+        *rate_lines(info["rates"], list(info["arms"])),
         "",
         *comparison_lines(v),
         "",
