@@ -182,12 +182,15 @@ def point_cloud_metrics(
         "nc_median": 0.5 * (nc_acc.median().item() + nc_comp.median().item()),
     }
     if threshold is not None:
-        precision = (acc < threshold).double().mean().item()
-        recall = (comp < threshold).double().mean().item()
-        out["precision"] = precision
-        out["recall"] = recall
-        out["fscore"] = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        out.update(_f_score(acc, comp, threshold))
     return out
+
+
+def _f_score(acc: Tensor, comp: Tensor, threshold: float) -> dict[str, float]:
+    precision = (acc < threshold).double().mean().item()
+    recall = (comp < threshold).double().mean().item()
+    fscore = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "fscore": fscore}
 
 
 def depth_metrics(pred, gt, mask=None, *, align: str | None = "median") -> dict[str, float]:
