@@ -9,6 +9,12 @@ style) and every other attribute from a stream that depends on the scene index k
 all datasets of the family. So the fixed attributes change from scene to scene (a LoRA cannot learn
 one constant target), and scene k of every dataset of family a differs only in attribute a: the
 datasets differ only in the distribution of the varied attribute.
+
+content_streams = C > 1 controls content instead: dataset d of every attribute family draws its
+fixed attributes from content stream d mod C, keyed by (stream, scene index) and shared across
+families, not by family. LoRAs of one attribute then see different content (C >= datasets: no two
+share a stream), and a LoRA of another attribute with the same stream index sees the same draws, so
+a similarity between two LoRAs can be compared between pairs that share no content.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ _ATTR_CODE = {name: i for i, name in enumerate(ATTRIBUTES)}
 _STYLE_STREAM = 99
 # Streams of the attributes held fixed in an attribute family: keyed by scene index, not dataset.
 _SHARED_STREAM = 200
+# Family code of the cross-family content streams (content_streams > 1): no family has it.
+_CONTENT_CODE = len(FAMILIES)
 
 MICROBASELINE_CAMERA = {
     "kind": "handheld",
@@ -145,39 +153,59 @@ def _mixed_scene(family: str, seed: int, d: int, k: int, views: int) -> tuple[Sc
     return SceneSpec(**parts), styles
 
 
-def shared_attributes(family: str, scene: int, views: int, seed: int) -> dict:
-    """The attributes other than `family` of scene index `scene` in every dataset of an attribute
-    family (default styles; one stream per scene index and attribute, no dataset in the key)."""
-    return {
-        a: _draw(
-            a,
-            _rng(seed, family, 0, scene, _SHARED_STREAM + _ATTR_CODE[a]),
-            views,
-            smp.DEFAULT_STYLES[a],
-        )
-        for a in ATTRIBUTES
-        if a != family
-    }
+def shared_attributes(
+    family: str, scene: int, views: int, seed: int, stream: int | None = None
+) -> dict:
+    """The attributes other than `family` of scene index `scene` (default styles). stream None:
+    the family's own stream, one per scene index and attribute, shared by every dataset of the
+    family; stream c: content stream c, the same draws in every family (no family in the key)."""
+
+    def rng(a: str) -> np.random.Generator:
+        code = _SHARED_STREAM + _ATTR_CODE[a]
+        if stream is None:
+            return _rng(seed, family, 0, scene, code)
+        return np.random.default_rng([seed, _CONTENT_CODE, stream, scene, code])
+
+    return {a: _draw(a, rng(a), views, smp.DEFAULT_STYLES[a]) for a in ATTRIBUTES if a != family}
+
+
+def content_stream(dataset: int, content_streams: int) -> int | None:
+    """The content stream of dataset `dataset` of an attribute family (None: the family's own)."""
+    return None if content_streams == 1 else dataset % content_streams
 
 
 def family_specs(
-    family: str, n_datasets: int, scenes_per_dataset: int, views: int, seed: int
+    family: str,
+    n_datasets: int,
+    scenes_per_dataset: int,
+    views: int,
+    seed: int,
+    content_streams: int = 1,
 ) -> list[DatasetSpec]:
     """The scene specs of a family (no rendering).
 
     family: an attribute (texture / geometry / camera / lighting): dataset d draws that field of
     scene k from its own style, the other three fields of scene k are the same in every dataset
-    (shared_attributes) and change with k;
+    (shared_attributes) and change with k; with content_streams C > 1 they come from content stream
+    d mod C instead (the same in every family, see the module doc);
     "mixed": everything varies; or a held-out downstream task (microbaseline / photo /
     unusual_lighting)."""
     _check_args(family, n_datasets, scenes_per_dataset, views, seed)
+    if (
+        not isinstance(content_streams, int)
+        or isinstance(content_streams, bool)
+        or content_streams < 1
+    ):
+        raise ValueError(f"content_streams must be an int >= 1, got {content_streams!r}")
     out = []
     for d in range(n_datasets):
         if family in ATTRIBUTES:
             style = smp.draw_style(family, _rng(seed, family, d, 0, _STYLE_STREAM))
             scenes = []
             for k in range(scenes_per_dataset):
-                fixed = shared_attributes(family, k, views, seed)
+                fixed = shared_attributes(
+                    family, k, views, seed, content_stream(d, content_streams)
+                )
                 varied = _draw(
                     family, _rng(seed, family, d, k + 1, _ATTR_CODE[family]), views, style
                 )
@@ -225,13 +253,14 @@ def make_family(
     seed: int,
     on_scene: Callable[[], None] | None = None,
     threads: int | None = None,
+    content_streams: int = 1,
 ) -> list[RenderedDataset]:
     """Draw and render a whole family in memory (see family_specs for the meaning of `attribute`).
 
     on_scene is called after every rendered scene (e.g. a progress bar's update); threads is
     passed to render_scene."""
     check_size(size)
-    specs = family_specs(attribute, n_datasets, scenes_per_dataset, views, seed)
+    specs = family_specs(attribute, n_datasets, scenes_per_dataset, views, seed, content_streams)
     return [render_dataset(s, size, on_scene, threads) for s in specs]
 
 

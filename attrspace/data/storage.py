@@ -97,8 +97,10 @@ def family_settings(
     height: int,
     width: int,
     seed: int,
+    content_streams: int = 1,
 ) -> dict:
     """The manifest fields that decide a family's contents (compared before writing over one)."""
+    extra = {} if content_streams == 1 else {"content_streams": content_streams}
     return {
         "family": family,
         "n_datasets": n_datasets,
@@ -107,6 +109,7 @@ def family_settings(
         "height": height,
         "width": width,
         "seed": seed,
+        **extra,
     }
 
 
@@ -153,6 +156,7 @@ def write_family(
     overwrite: bool = False,
     on_scene: Callable[[], None] | None = None,
     threads: int | None = None,
+    content_streams: int = 1,
 ) -> dict:
     """Draw, render and store a family (see family_specs) scene by scene -> the manifest dict.
 
@@ -164,12 +168,14 @@ def write_family(
     if not isinstance(shard_scenes, int) or shard_scenes < 1:
         raise ValueError(f"shard_scenes must be a positive int, got {shard_scenes!r}")
     root = Path(out)
-    settings = family_settings(family, n_datasets, scenes_per_dataset, views, height, width, seed)
+    settings = family_settings(
+        family, n_datasets, scenes_per_dataset, views, height, width, seed, content_streams
+    )
     if check_family_target(root, settings, overwrite) == "same":
         raise FileExistsError(
             f"{root / MANIFEST} exists; pass overwrite=True to replace the family"
         )
-    specs = family_specs(family, n_datasets, scenes_per_dataset, views, seed)
+    specs = family_specs(family, n_datasets, scenes_per_dataset, views, seed, content_streams)
     with staged_folder(root, lock=False) as tmp:  # callers lock (see above)
         entries = [
             _write_dataset(tmp, spec, (height, width), shard_scenes, on_scene, threads)

@@ -8,7 +8,7 @@ The LoRA scale follows the paper: alpha = 2 r, so s = 2 for every adapter and ba
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from attrspace.data import ATTRIBUTES, DOWNSTREAM_TASKS
 from attrspace.mining.subspaces import MiningConfig
@@ -42,7 +42,9 @@ class DataSizes:
 
     pretrain_datasets x pretrain_scenes scenes of the "mixed" family pre-train the base model;
     loras_per_attribute datasets of lora_scenes scenes per attribute family (one LoRA each);
-    per downstream task, task_train_scenes scenes to fine-tune on and task_test_scenes to evaluate.
+    per downstream task, task_train_scenes scenes to fine-tune on and task_test_scenes to evaluate;
+    content_streams: where an attribute family's fixed attributes come from (data/families.py: 1,
+    the family's own stream; C > 1, cross-family content stream d mod C for dataset d).
     """
 
     image_size: int
@@ -53,6 +55,7 @@ class DataSizes:
     lora_scenes: int
     task_train_scenes: int
     task_test_scenes: int
+    content_streams: int = 1
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -65,39 +68,70 @@ class DataSizes:
             )
 
 
-# Bank-only arms of the study (the bank on the block linears, no heads' LoRA): which bank.
-STUDY_BANKS = ("mined", "shuffled", "pooled", "psv", "single")
-# Arms of the study that reuse the fine-tuning methods (heads' LoRA where the method has one).
-STUDY_METHODS = ("zero-shot", "full", "lora", "subspace", "heads")
+# Bank-only arms of the study (the bank on the block linears, no heads' LoRA): which bank. The
+# shuffled and random banks are drawn afresh for every seed (seed i uses draw i), so the seed
+# component of a comparison carries the spread of the control's draws.
+STUDY_BANKS = ("mined", "shuffled", "pooled", "random", "psv")
+# Arms of the study that train LoRA or every parameter; "block-lora" is LoRA r on the block
+# linears only (gate G0 compares it with "lora"), "heads" LoRA r on the heads only.
+STUDY_METHODS = ("zero-shot", "full", "lora", "block-lora", "heads", "subspace")
+# Starting learning-rate grids per kind of arm (widened by factors of 3 until the best is inside).
+STUDY_LR_GRIDS = (
+    ("full", (1e-4, 3e-4, 1e-3)),
+    ("adapter", (1e-3, 3e-3, 1e-2)),
+    ("bank", (3e-2, 1e-1, 3e-1)),
+)
+
+
+def study_arm_kind(arm: str) -> str:
+    """The learning-rate grid an arm starts from: full, adapter (LoRA) or bank (M; for "subspace"
+    the grid is M's, its heads' LoRA keeps the heads arm's rate)."""
+    if arm == "full":
+        return "full"
+    if arm.startswith("bank:") or arm == "subspace":
+        return "bank"
+    return "adapter"
 
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """The controlled test of the paper's claims (study.py): fine-tuning arms on `task`, each with
-    `seeds` data-order (and adapter init) seeds; bank-only arms for the mined bank, every control
-    bank and `random_banks` random banks of the same K; `permutations` label permutations in the
-    specificity test."""
+    """The controlled test of the paper's claims (pipeline/study/): fine-tuning arms on `task`,
+    each with `seeds` data-order (and adapter-init) seeds; `lora_sets` independent sets of
+    attribute LoRAs (set 0 is the LoRA stage's; seed i uses set i mod lora_sets); every arm's
+    learning rate chosen on `val_scenes` validation scenes (after the train scenes, before the test
+    scenes) from STUDY_LR_GRIDS, widened at most `widen` times per side; `permutations` label
+    permutations in the specificity test; `perturbation`: the relative size of the random
+    perturbation of the block linears in gate G0; `endpoint_points`: points per cloud in the
+    secondary endpoints."""
 
     task: str = "microbaseline"
-    seeds: int = 3
-    random_banks: int = 3
+    seeds: int = 5
+    lora_sets: int = 2
+    val_scenes: int = 12
     permutations: int = 999
+    widen: int = 3
+    perturbation: float = 0.5
+    endpoint_points: int = 2048
 
     def __post_init__(self) -> None:
         if self.task not in DOWNSTREAM_TASKS:
             raise ValueError(f"study task must be one of {DOWNSTREAM_TASKS}, got {self.task!r}")
         for label, value, lo in (
-            ("seeds", self.seeds, 1),
-            ("random_banks", self.random_banks, 1),
+            ("seeds", self.seeds, 2),
+            ("lora_sets", self.lora_sets, 1),
+            ("val_scenes", self.val_scenes, 2),
             ("permutations", self.permutations, 1),
+            ("widen", self.widen, 0),
+            ("endpoint_points", self.endpoint_points, 16),
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < lo:
                 raise ValueError(f"StudyConfig.{label} must be an int >= {lo}, got {value!r}")
+        if not 0 < self.perturbation:
+            raise ValueError(f"StudyConfig.perturbation must be > 0, got {self.perturbation}")
 
     def arms(self) -> tuple[str, ...]:
         """Every arm's name: the methods, then "bank:<bank>" for the bank-only arms."""
-        randoms = tuple(f"random{i}" for i in range(self.random_banks))
-        return STUDY_METHODS + tuple(f"bank:{b}" for b in (*STUDY_BANKS, *randoms))
+        return STUDY_METHODS + tuple(f"bank:{b}" for b in STUDY_BANKS)
 
 
 @dataclass(frozen=True)
@@ -110,7 +144,7 @@ class Preset:
     adapters' lr would wreck it). single_attribute: the attribute of the single-attribute control.
     threads: torch intra-op threads (0 keeps torch's default). eval_points: points per cloud in the
     point-cloud metrics (a seeded subsample). device: "auto" picks CUDA when present. study: when
-    set, the run ends with the controlled study of the paper's claims (study.py).
+    set, the run ends with the controlled study of the paper's claims (pipeline/study/).
     """
 
     name: str
@@ -179,6 +213,13 @@ class Preset:
                     "the study needs >= 2 attributes, single_attribute among them; got "
                     f"{self.attributes}, {self.single_attribute!r}"
                 )
+            if self.data.task_test_scenes < self.study.val_scenes + 2:
+                raise ValueError(
+                    f"task_test_scenes {self.data.task_test_scenes} must hold the study's "
+                    f"{self.study.val_scenes} validation scenes and >= 2 test scenes"
+                )
+            if self.data.loras_per_attribute < 2:
+                raise ValueError("the study needs >= 2 LoRAs per attribute (held-out capture)")
 
     @property
     def needs_checkpoint(self) -> bool:
@@ -288,31 +329,36 @@ def _vggt1b() -> Preset:
 
 
 def _study() -> Preset:
-    # The tiny model and base, with LoRAs trained long enough to leave their initialisation (the
-    # study's gates check it), LoRA r = 16 as the paper, a task with headroom and 32 test scenes.
-    # The regular fine-tuning stage runs zero-shot only; the study's arms do the rest.
-    return _tiny().replace(
+    # See docs/study/protocol.md for the sizes and what they trade. The base: LayerScale starts at
+    # 1 (not VGGT's 0.01), so the aggregator blocks carry the prediction (gate G0).
+    tiny = _tiny()
+    return tiny.replace(
         name="study",
+        model=VGGTConfig.tiny(enable_point=False, init_values=STUDY_INIT_VALUES),
         data=DataSizes(
             image_size=56,
             views=4,
             pretrain_datasets=8,
             pretrain_scenes=16,
-            loras_per_attribute=5,
+            loras_per_attribute=4,
             lora_scenes=8,
             task_train_scenes=16,
-            task_test_scenes=32,
+            task_test_scenes=12 + 24,
+            content_streams=4,
         ),
+        pretrain=replace(tiny.pretrain, steps=STUDY_PRETRAIN_STEPS),
         lora=TrainConfig(steps=STUDY_LORA_STEPS, lr=STUDY_LORA_LR, batch_size=2),
         lora_rank=16,
+        finetune=TrainConfig(steps=STUDY_FINETUNE_STEPS, lr=2e-3, batch_size=2),
         tasks=("microbaseline",),
         methods=("zero-shot",),
-        study=StudyConfig(),
-        notes="the controlled study of the paper's claims; 2-core CPU, under 45 minutes",
+        study=StudyConfig(seeds=5, lora_sets=2, val_scenes=12),
+        notes="the controlled study of the paper's claims; 2-core CPU, about an hour",
     )
 
 
-STUDY_LORA_STEPS, STUDY_LORA_LR = 200, 5e-3
+STUDY_LORA_STEPS, STUDY_LORA_LR = 120, 5e-3
+STUDY_PRETRAIN_STEPS, STUDY_FINETUNE_STEPS, STUDY_INIT_VALUES = 1000, 100, 1.0
 
 PRESETS = {
     "micro": _micro,
@@ -324,14 +370,18 @@ PRESETS = {
 
 
 def reduced_study() -> Preset:
-    """The study at micro sizes with 2 seeds and 2 random banks (the test suite runs it end to
-    end; the full study keeps 3 of each)."""
-    return _micro().replace(
+    """The study at micro sizes (2 seeds, 2 LoRA sets, grids widened at most once): the test suite
+    runs it end to end."""
+    micro = _micro()
+    return micro.replace(
         name="study-micro",
-        data=DataSizes(28, 2, 1, 3, 3, 2, 2, 3),
+        model=micro.model.replace(init_values=STUDY_INIT_VALUES),
+        data=DataSizes(28, 2, 1, 3, 3, 2, 2, 3 + 3, content_streams=3),
         tasks=("microbaseline",),
         methods=("zero-shot",),
-        study=StudyConfig(seeds=2, random_banks=2, permutations=49),
+        study=StudyConfig(
+            seeds=2, lora_sets=2, val_scenes=3, permutations=49, widen=1, endpoint_points=64
+        ),
     )
 
 

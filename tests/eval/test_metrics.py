@@ -12,6 +12,7 @@ from attrspace.eval.metrics import (
     camera_pose_metrics,
     depth_metrics,
     estimate_normals,
+    icp_point_to_point,
     nearest_neighbors,
     point_cloud_metrics,
     pose_auc,
@@ -172,3 +173,34 @@ def test_pose_auc_formula():
     # error 0.5 is below every k = 1..30; 10.5 below k = 11..30 (20 of 30).
     assert pose_auc(r, t, 30) == pytest.approx((30 + 20) / 60)
     assert pose_auc(torch.tensor([45.0]), torch.tensor([0.0]), 30) == 0.0
+
+
+def test_scale_shift_depth_alignment_undoes_an_affine_map_and_is_least_squares():
+    g = torch.Generator().manual_seed(7)
+    gt = 1.0 + torch.rand(3, 6, 5, generator=g, dtype=torch.float64)
+    exact = depth_metrics(0.5 * gt - 0.2, gt, align="scale_shift")
+    assert exact["abs_rel"] == pytest.approx(0.0, abs=1e-12) and exact["delta_1"] == 1.0
+    pred = gt + 0.1 * torch.randn(gt.shape, generator=g, dtype=torch.float64)
+    got = depth_metrics(2.0 * pred + 1.0, gt, align="scale_shift")
+    design = torch.stack((pred.flatten(), torch.ones(pred.numel(), dtype=torch.float64)), 1)
+    s, t = torch.linalg.lstsq(design, gt.flatten()[:, None]).solution[:, 0]
+    fitted = s * pred + t
+    assert got["abs_rel"] == pytest.approx(float(((fitted - gt).abs() / gt).mean()), rel=1e-9)
+    # A median scale cannot undo the shift; scale-and-shift can.
+    assert depth_metrics(pred + 3.0, gt)["abs_rel"] > 2 * got["abs_rel"]
+
+
+def test_icp_recovers_a_small_rigid_motion_without_correspondences():
+    g = torch.Generator().manual_seed(8)
+    dst = torch.rand(600, 3, generator=g, dtype=torch.float64) * torch.tensor([2.0, 1.0, 0.5])
+    rot = _axis_angle([0.3, 1.0, -0.2], 4.0)
+    t = torch.tensor([0.03, -0.02, 0.01], dtype=torch.float64)
+    src = ((dst - t) @ rot)[torch.randperm(600, generator=g)]  # dst = R src + t, rows shuffled
+    got_rot, got_t, info = icp_point_to_point(src, dst, threshold=0.2, iterations=100)
+    assert torch.allclose(got_rot, rot, atol=1e-6) and torch.allclose(got_t, t, atol=1e-6)
+    assert info["fitness"] == 1.0 and info["inlier_rmse"] < 1e-6
+    plain = point_cloud_metrics(src, dst, align=False)
+    refined = point_cloud_metrics(src, dst, align=False, icp_threshold=0.2)
+    assert refined["chamfer"] < 1e-6 < plain["chamfer"]
+    with pytest.raises(ValueError, match="threshold"):
+        icp_point_to_point(src, dst, threshold=0.0)

@@ -15,7 +15,7 @@ from attrspace.pipeline.report.figures import BLOCK_KINDS, LAYER_KINDS, layer_ki
 from attrspace.pipeline.report.results import collect, paired_difference
 from attrspace.pipeline.report.tables import fmt, table
 from attrspace.pipeline.stages.evaluate import HEADLINE
-from attrspace.pipeline.study_report import study_section
+from attrspace.pipeline.study.report import study_section
 from attrspace.util.files import atomic_write_bytes
 
 

@@ -60,10 +60,18 @@ def family_plan(ws: Workspace) -> dict[str, tuple[int, int]]:
     return plan
 
 
+def content_streams(ws: Workspace, family: str) -> int:
+    """Content streams of `family` (data/families.py; 1 = the family's own, and for every family
+    that is not an attribute family)."""
+    return ws.preset.data.content_streams if family in ws.preset.attributes else 1
+
+
 def data_digest(ws: Workspace, family: str) -> str:
     n, scenes = family_plan(ws)[family]
     data = ws.preset.data
-    return digest("data", family, n, scenes, data.views, data.image_size, ws.preset.seed)
+    streams = content_streams(ws, family)
+    extra = () if streams == 1 else (streams,)  # digests of earlier runs stay valid
+    return digest("data", family, n, scenes, data.views, data.image_size, ws.preset.seed, *extra)
 
 
 def lora_files_digest(folders: dict[str, list[Path]]) -> list:

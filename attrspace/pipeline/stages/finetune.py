@@ -53,8 +53,13 @@ TRAINED_FILE = "trained.safetensors"
 OUTPUTS = "weights+adapter"
 
 
-def training_config(preset: Preset, method: str) -> TrainConfig:
-    """The shared fine-tuning setting; full fine-tuning swaps in its own peak lr."""
+def training_config(preset: Preset, method: str, lr: float | None = None) -> TrainConfig:
+    """The shared fine-tuning setting; full fine-tuning swaps in its own peak lr, and a given `lr`
+    (the study's per-arm rate, chosen on validation scenes) replaces either."""
+    if lr is not None:
+        if not lr > 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        return replace(preset.finetune, lr=lr)
     return replace(preset.finetune, lr=preset.full_lr) if method == "full" else preset.finetune
 
 

@@ -6,7 +6,7 @@ import time
 
 from attrspace.data import write_family
 from attrspace.pipeline.cache import clear_marker, is_done, stage_output, write_marker
-from attrspace.pipeline.stages.common import data_digest, family_plan
+from attrspace.pipeline.stages.common import content_streams, data_digest, family_plan
 from attrspace.pipeline.workspace import Workspace
 
 
@@ -34,6 +34,7 @@ def render_stage(ws: Workspace) -> dict[str, str]:
                 ws.preset.seed,
                 on_scene=lambda: bar.update(1),
                 threads=ws.preset.threads or None,
+                content_streams=content_streams(ws, family),
             )
             seconds = time.perf_counter() - start
             write_marker(tmp, "data", expected, seconds, family=family, scenes=n * scenes)

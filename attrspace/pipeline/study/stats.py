@@ -1,4 +1,4 @@
-"""The statistics of the study (see study.py): how far the attribute LoRAs moved from their
+"""The statistics of the study (see arms.py): how far the attribute LoRAs moved from their
 initialisation, how attribute-specific their updates are, how well a held-out LoRA is captured by
 its own attribute's subspace, and paired comparisons of fine-tuning errors over scenes and seeds.
 
@@ -13,6 +13,7 @@ import statistics
 
 import numpy as np
 import torch
+from scipy.stats import t as student_t
 from torch import Tensor
 
 Factors = tuple[Tensor, Tensor]
@@ -57,33 +58,42 @@ def similarity_matrix(loras: list[dict[str, Factors]], layers: list[str]) -> np.
     return out / len(layers)
 
 
-def within_minus_between(sim: np.ndarray, labels: list[str]) -> tuple[float, float]:
-    """Mean similarity of pairs with the same label and of pairs with different labels."""
+def within_minus_between(
+    sim: np.ndarray, labels: list[str], allowed: np.ndarray | None = None
+) -> tuple[float, float]:
+    """Mean similarity of pairs with the same label and of pairs with different labels, over the
+    pairs `allowed` marks (n x n bool; e.g. pairs that share no content) or all pairs."""
     lab = np.asarray(labels)
     same = lab[:, None] == lab[None, :]
-    off = ~np.eye(len(lab), dtype=bool)
-    within = sim[same & off]
-    between = sim[~same]
+    keep = ~np.eye(len(lab), dtype=bool)
+    if allowed is not None:
+        keep &= np.asarray(allowed, dtype=bool)
+    within = sim[same & keep]
+    between = sim[~same & keep]
     if within.size == 0 or between.size == 0:
-        raise ValueError("need at least two labels and two LoRAs of some label")
+        raise ValueError("need at least two labels and two allowed LoRAs of some label")
     return float(within.mean()), float(between.mean())
 
 
 def specificity_test(
-    sim: np.ndarray, labels: list[str], permutations: int, seed: int
+    sim: np.ndarray,
+    labels: list[str],
+    permutations: int,
+    seed: int,
+    allowed: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Within minus between similarity, and its permutation p-value: the share of label
-    permutations (counts kept) whose difference is at least as large, counting the observed one,
-    (1 + #{T_perm >= T}) / (1 + permutations)."""
+    """Within minus between similarity (over the `allowed` pairs), and its permutation p-value: the
+    share of label permutations (counts kept; `allowed` stays with the LoRAs) whose difference is
+    at least as large, counting the observed one, (1 + #{T_perm >= T}) / (1 + permutations)."""
     if permutations < 1:
         raise ValueError(f"permutations must be >= 1, got {permutations}")
-    within, between = within_minus_between(sim, labels)
+    within, between = within_minus_between(sim, labels, allowed)
     observed = within - between
     rng = np.random.default_rng(seed)
     lab = np.asarray(labels)
     hits = 0
     for _ in range(permutations):
-        w, b = within_minus_between(sim, list(rng.permutation(lab)))
+        w, b = within_minus_between(sim, list(rng.permutation(lab)), allowed)
         hits += (w - b) >= observed - 1e-12
     return {
         "within": within,
@@ -108,32 +118,67 @@ def random_orthonormal(rows: int, cols: int, generator: torch.Generator) -> Tens
     return q
 
 
-def paired_two_way(a: list[list[float]], b: list[list[float]]) -> dict[str, float]:
+def satterthwaite_df(parts: list[tuple[float, int]]) -> float:
+    """Welch-Satterthwaite degrees of freedom of a sum of variance estimates (variance, df)."""
+    total = sum(v for v, _ in parts)
+    denominator = sum(v * v / df for v, df in parts if df > 0)
+    if total <= 0 or denominator <= 0:
+        return float(max(1, min(df for _, df in parts)))
+    return total * total / denominator
+
+
+def paired_two_way(
+    a: list[list[float]], b: list[list[float]], alpha: float = 0.05, power: float = 0.8
+) -> dict[str, float]:
     """Paired comparison of two methods' errors over seeds x scenes (a[s][i], b[s][i]: seed s,
     test scene i; the same batches and scenes for both).
 
-    diff = mean of a - b. se_scenes: s.e. over scenes of the seed-averaged differences (how the
-    result depends on which scenes are tested); se_seeds: s.e. over seeds of the scene-averaged
-    differences (how it depends on the data order and init). se = the larger of the two, so a
-    difference must stand out against both sources of noise."""
+    diff = mean of a - b. se_scenes: s.e. over scenes of the seed-averaged differences (which
+    scenes are tested); se_seeds: s.e. over seeds of the scene-averaged differences (data order,
+    init, and whatever else a seed draws, e.g. the control bank). The two add: se = sqrt(se_scenes^2
+    + se_seeds^2) (slightly conservative: the interaction counts in both). The critical value is the
+    two-sided t quantile at the Welch-Satterthwaite df of that sum; mde is the smallest |diff| that
+    such a test detects with probability `power` ((t_{1-alpha/2} + t_{power}) x se)."""
     x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if x.shape != y.shape or x.ndim != 2 or x.shape[1] < 2:
-        raise ValueError(f"need equal (seeds, scenes >= 2) arrays, got {x.shape} and {y.shape}")
+    if x.shape != y.shape or x.ndim != 2 or x.shape[1] < 2 or x.shape[0] < 2:
+        raise ValueError(
+            f"need equal (seeds >= 2, scenes >= 2) arrays, got {x.shape} and {y.shape}"
+        )
     d = x - y
-    per_scene = d.mean(0)
-    per_seed = d.mean(1)
-    se_scenes = float(per_scene.std(ddof=1) / math.sqrt(len(per_scene)))
-    se_seeds = float(per_seed.std(ddof=1) / math.sqrt(len(per_seed))) if len(per_seed) > 1 else 0.0
+    per_scene, per_seed = d.mean(0), d.mean(1)
+    var_scenes = float(per_scene.var(ddof=1) / len(per_scene))
+    var_seeds = float(per_seed.var(ddof=1) / len(per_seed))
+    df = satterthwaite_df([(var_scenes, len(per_scene) - 1), (var_seeds, len(per_seed) - 1)])
+    se = math.sqrt(var_scenes + var_seeds)
+    critical = float(student_t.ppf(1 - alpha / 2, df))
     return {
         "a": float(x.mean()),
         "b": float(y.mean()),
         "diff": float(d.mean()),
-        "se_scenes": se_scenes,
-        "se_seeds": se_seeds,
-        "se": max(se_scenes, se_seeds),
+        "se_scenes": math.sqrt(var_scenes),
+        "se_seeds": math.sqrt(var_seeds),
+        "se": se,
+        "df": df,
+        "critical": critical,
+        "mde": (critical + float(student_t.ppf(power, df))) * se,
         "seeds": int(x.shape[0]),
         "scenes": int(x.shape[1]),
     }
+
+
+def mean_pair_overlap(result, pairs: list[tuple[str, str]] | None = None) -> dict[str, float]:
+    """1 - cos(theta_1) between the mined subspaces of label pairs (all pairs when None), averaged
+    over layers and pairs, for column ("col") and row ("row") spaces (mine.MiningResult.overlaps)."""
+    cols, rows = [], []
+    for per_pair in result.overlaps.values():
+        for pair, values in per_pair.items():
+            a, b = pair.split("|")
+            if pairs is None or (a, b) in pairs or (b, a) in pairs:
+                cols.append(values["col_score"])
+                rows.append(values["row_score"])
+    if not cols:
+        raise ValueError(f"no overlap of the pairs {pairs}")
+    return {"col": float(np.mean(cols)), "row": float(np.mean(rows))}
 
 
 def median(values: list[float]) -> float:
