@@ -26,6 +26,7 @@ from attrspace.pipeline.report import figures
 from attrspace.pipeline.report.tables import fmt, table
 from attrspace.pipeline.stages.mining import BANK_FILE, mean_overlaps, random_reference_overlaps
 from attrspace.util.files import atomic_write_bytes
+from attrspace.util.folders import writable_folder
 
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"
@@ -35,18 +36,7 @@ OVERLAPS_FILE = "overlaps.png"
 
 def prepare_out(out: Path) -> Path:
     """`out` created and writable, or LoRAInputError naming it (before any mining)."""
-    for parent in (out, *out.parents):
-        if parent.exists():
-            if not parent.is_dir():
-                raise LoRAInputError(f"output folder {out}: {parent} is a file, not a folder")
-            break
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise LoRAInputError(f"output folder {out}: cannot be created ({exc.strerror})") from exc
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise LoRAInputError(f"output folder {out}: not writable")
-    return out
+    return writable_folder(out, "output folder", LoRAInputError)
 
 
 def mine_peft(

@@ -22,7 +22,7 @@ from attrspace.pipeline.stages.pretrain import pretrain_stage
 from attrspace.pipeline.stages.render import render_stage
 from attrspace.pipeline.study import study_stage
 from attrspace.pipeline.workspace import RUNS_FILE, RunInputError, Workspace, torch_threads
-from attrspace.util.folders import folder_lock
+from attrspace.util.folders import folder_lock, writable_folder
 
 STAGES = ("render", "pretrain", "train-lora", "mine", "finetune")
 
@@ -39,20 +39,7 @@ def prepare_run_folder(out: str | os.PathLike) -> Path:
     a file, under a file, or cannot be written."""
     if not str(out).strip():
         raise RunInputError("the run folder must be named (got an empty path)")
-    out = Path(out)
-    for parent in (out, *out.parents):
-        if parent.exists():
-            if not parent.is_dir():
-                where = "is" if parent == out else f"is under {parent}, which is"
-                raise RunInputError(f"run folder {out} {where} a file, not a folder")
-            break
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RunInputError(f"cannot create run folder {out}: {exc.strerror}") from exc
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise RunInputError(f"run folder {out} is not writable")
-    return out
+    return writable_folder(Path(out), "run folder", RunInputError)
 
 
 def machine() -> dict:

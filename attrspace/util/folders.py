@@ -297,3 +297,23 @@ def _in_destination(exc: BaseException, tmp: Path, folder: Path) -> BaseExceptio
     except ValueError:
         return exc
     return OSError(exc.errno, exc.strerror, str(folder / rel))
+
+
+def writable_folder(out: Path, what: str, error: type[Exception] = ValueError) -> Path:
+    """`out` created (with its parents) and writable, before any work goes into it; otherwise
+    `error` naming it as `what` ("run folder", "output folder"): a file at or above it, a folder
+    that cannot be created, or one that cannot be written."""
+    out = Path(out)
+    for parent in (out, *out.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                where = "is" if parent == out else f"is under {parent}, which is"
+                raise error(f"{what} {out} {where} a file, not a folder")
+            break
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise error(f"cannot create {what} {out}: {exc.strerror}") from exc
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise error(f"{what} {out} is not writable")
+    return out

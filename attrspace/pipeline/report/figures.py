@@ -43,6 +43,17 @@ def _colors(n: int) -> list:
     return [cmap(i % 10) for i in range(n)]
 
 
+def _plot_spectra(ax, layer: dict, colors: dict) -> None:
+    """One layer's spectra on `ax`, one line per attribute normalised by its largest value, a dot
+    at the chosen rank d."""
+    for a, values in layer["spectra"].items():
+        top = max(values[0], 1e-30)
+        normed = [max(v / top, 1e-8) for v in values]
+        ax.semilogy(range(1, len(normed) + 1), normed, color=colors[a], lw=0.8, alpha=0.7)
+        d = layer["ranks"][a]
+        ax.plot([d], [normed[d - 1]], "o", color=colors[a], ms=3)
+
+
 def spectra_figure(summary: dict, path: Path) -> Path:
     """Singular values of each attribute's consensus C per layer (normalised by the largest),
     one panel per layer kind (frame/global x qkv/proj/fc1/fc2), one line per block; the dot marks
@@ -54,12 +65,7 @@ def spectra_figure(summary: dict, path: Path) -> Path:
     for name, layer in summary["layers"].items():
         block, kind, _ = layer_kind(name)
         ax = axes[BLOCK_KINDS.index(block)][LAYER_KINDS.index(kind)]
-        for a, values in layer["spectra"].items():
-            top = max(values[0], 1e-30)
-            normed = [max(v / top, 1e-8) for v in values]
-            ax.semilogy(range(1, len(normed) + 1), normed, color=colors[a], lw=0.8, alpha=0.7)
-            d = layer["ranks"][a]
-            ax.plot([d], [normed[d - 1]], "o", color=colors[a], ms=3)
+        _plot_spectra(ax, layer, colors)
     for i, block in enumerate(BLOCK_KINDS):
         for j, kind in enumerate(LAYER_KINDS):
             ax = axes[i][j]
@@ -101,12 +107,7 @@ def spectra_by_kind_figure(summary: dict, path: Path, columns: int = 4) -> Path:
     for name, layer in summary["layers"].items():
         index = kinds.index(layer_group(name)[0])
         ax = axes[index // width][index % width]
-        for a, values in layer["spectra"].items():
-            top = max(values[0], 1e-30)
-            normed = [max(v / top, 1e-8) for v in values]
-            ax.semilogy(range(1, len(normed) + 1), normed, color=colors[a], lw=0.8, alpha=0.7)
-            d = layer["ranks"][a]
-            ax.plot([d], [normed[d - 1]], "o", color=colors[a], ms=3)
+        _plot_spectra(ax, layer, colors)
     for index, ax in enumerate(axes.flat):
         if index >= len(kinds):
             ax.set_visible(False)
