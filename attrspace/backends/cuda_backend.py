@@ -18,6 +18,7 @@ from attrspace.adapters import reference
 from attrspace.backends import cupy_jit
 from attrspace.backends import native as _native
 from attrspace.backends.jacobi import jacobi_svd
+from attrspace.backends.ops import adapter_custom_ops
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 MAX_RANK = 128
@@ -205,8 +206,7 @@ def backward_into(
     _launch("backward", dtype, pointers, (T, d_in, d_out, K), schedule)
 
 
-@torch.library.custom_op("attrspace::cuda_subspace_forward", mutates_args=())
-def _forward_op(
+def _forward_launch(
     x: Tensor, weight: Tensor, bias: Tensor | None, V: Tensor, P: Tensor
 ) -> tuple[Tensor, Tensor]:
     y, z = reference.empty_forward_outputs(x, weight, V)
@@ -214,13 +214,7 @@ def _forward_op(
     return y, z
 
 
-@_forward_op.register_fake
-def _forward_fake(x, weight, bias, V, P):
-    return reference.empty_forward_outputs(x, weight, V)
-
-
-@torch.library.custom_op("attrspace::cuda_subspace_backward", mutates_args=())
-def _backward_op(
+def _backward_launch(
     dy: Tensor, weight: Tensor, U: Tensor, Q: Tensor, need_dx: bool
 ) -> tuple[Tensor, Tensor]:
     dx, g = reference.empty_backward_outputs(dy, weight, U, need_dx)
@@ -228,9 +222,7 @@ def _backward_op(
     return dx, g
 
 
-@_backward_op.register_fake
-def _backward_fake(dy, weight, U, Q, need_dx):
-    return reference.empty_backward_outputs(dy, weight, U, need_dx)
+_forward_op, _backward_op = adapter_custom_ops("cuda", _forward_launch, _backward_launch)
 
 
 def forward(

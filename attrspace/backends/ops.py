@@ -27,7 +27,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
+
+from attrspace.adapters import reference
 
 ADAPTER_OPS = ("forward", "backward")
 WHOLE_LAYER_OPS = ("forward_factored", "backward_factored")
@@ -42,3 +45,28 @@ class RsvdSteps:
     matmul: Callable[[Tensor, Tensor, bool], Tensor]
     orthonormalize: Callable[[Tensor, int], Tensor]
     small_svd: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
+
+
+def _forward_fake(x, weight, bias, V, P):
+    return reference.empty_forward_outputs(x, weight, V)
+
+
+def _backward_fake(dy, weight, U, Q, need_dx):
+    return reference.empty_backward_outputs(dy, weight, U, need_dx)
+
+
+def adapter_custom_ops(backend: str, forward_impl: Callable, backward_impl: Callable):
+    """A kernel backend's forward and backward as torch.library custom ops
+    `attrspace::<backend>_subspace_forward` / `_backward`, with the one fake (the output shapes of
+    the contract) every backend shares, so torch.compile traces through the launch (fullgraph)
+    instead of breaking the graph there. The backward op always returns a dx tensor (empty when
+    need_dx is False): a custom op cannot return None."""
+    forward_op = torch.library.custom_op(
+        f"attrspace::{backend}_subspace_forward", forward_impl, mutates_args=()
+    )
+    forward_op.register_fake(_forward_fake)
+    backward_op = torch.library.custom_op(
+        f"attrspace::{backend}_subspace_backward", backward_impl, mutates_args=()
+    )
+    backward_op.register_fake(_backward_fake)
+    return forward_op, backward_op

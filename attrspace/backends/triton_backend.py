@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from attrspace.adapters import reference
+from attrspace.backends.ops import adapter_custom_ops
 from attrspace.linalg.orthonormalize import cholesky_qr
 
 _KERNELS = "attrspace.kernels.subspace_linear"
@@ -73,22 +74,13 @@ def unsupported_reasons(x: Tensor, weight: Tensor, rank: int) -> list[str]:
     return reasons
 
 
-# The launchers are wrapped as custom ops with fake implementations so torch.compile traces through
-# them (fullgraph) instead of breaking the graph at the kernel call.
-@torch.library.custom_op("attrspace::triton_subspace_forward", mutates_args=())
-def _forward_op(
+def _forward_launch(
     x: Tensor, weight: Tensor, bias: Tensor | None, V: Tensor, P: Tensor
 ) -> tuple[Tensor, Tensor]:
     return _kernels().subspace_linear_forward(x, weight, bias, V, P)
 
 
-@_forward_op.register_fake
-def _forward_fake(x, weight, bias, V, P):
-    return reference.empty_forward_outputs(x, weight, V)
-
-
-@torch.library.custom_op("attrspace::triton_subspace_backward", mutates_args=())
-def _backward_op(
+def _backward_launch(
     dy: Tensor, weight: Tensor, U: Tensor, Q: Tensor, need_dx: bool
 ) -> tuple[Tensor, Tensor]:
     dx, g = _kernels().subspace_linear_backward(dy, weight, U, Q, need_dx)
@@ -97,9 +89,7 @@ def _backward_op(
     return dx, g
 
 
-@_backward_op.register_fake
-def _backward_fake(dy, weight, U, Q, need_dx):
-    return reference.empty_backward_outputs(dy, weight, U, need_dx)
+_forward_op, _backward_op = adapter_custom_ops("triton", _forward_launch, _backward_launch)
 
 
 def forward(
