@@ -74,32 +74,25 @@ def _specialise(fn, types: dict[str, str], values: dict[str, int], constexprs: d
     return sig, {(fn.arg_names.index(k),): v for k, v in constants.items()}, attrs
 
 
-def compile_one(
-    kernel: str,
-    types: dict,
-    values: dict,
-    constexprs: dict,
-    warps: int,
-    stages: int,
-    arch: int,
-    label: str = "",
-) -> Figures:
-    """Compile `kernel` ("module:function" under attrspace.kernels) for sm_<arch> and read it.
-    types: Triton types of the pointer and float arguments ("*bf16", "fp32"); the rest are i32,
-    specialised on `values`, their values at a representative launch (see _specialise)."""
+def _jit_function(kernel: str):
+    """The JITFunction of `kernel` ("module:function" under attrspace.kernels)."""
     import importlib
 
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     module, name = kernel.split(":")
     jit = getattr(importlib.import_module(f"attrspace.kernels.{module}"), name)
     fn = jit if isinstance(jit, triton.runtime.jit.JITFunction) else getattr(jit, "fn", None)
     if not isinstance(fn, triton.runtime.jit.JITFunction):  # under @triton.autotune: jit.fn
         raise RuntimeError(f"{kernel} is interpreted (TRITON_INTERPRET=1); compile it without")
-    signature, constants, attrs = _specialise(fn, types, values, constexprs)
-    src = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
+    return fn
+
+
+def _compile(src, warps: int, stages: int, arch: int):
+    """(compiled kernel, its SASS text, the ptxas -v log) of one ahead-of-time compile."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
     log = io.StringIO()
     with tempfile.TemporaryDirectory() as cache:
         os.environ["TRITON_CACHE_DIR"] = cache  # a fresh cache: ptxas runs and its log is printed
@@ -115,8 +108,29 @@ def compile_one(
         sass = subprocess.run(
             [_bin("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True, check=True
         ).stdout
+    return compiled, sass, log.getvalue()
+
+
+def compile_one(
+    kernel: str,
+    types: dict,
+    values: dict,
+    constexprs: dict,
+    warps: int,
+    stages: int,
+    arch: int,
+    label: str = "",
+) -> Figures:
+    """Compile `kernel` ("module:function" under attrspace.kernels) for sm_<arch> and read it.
+    types: Triton types of the pointer and float arguments ("*bf16", "fp32"); the rest are i32,
+    specialised on `values`, their values at a representative launch (see _specialise)."""
+    from triton.compiler import ASTSource
+
+    fn = _jit_function(kernel)
+    signature, constants, attrs = _specialise(fn, types, values, constexprs)
+    src = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
+    compiled, sass, text = _compile(src, warps, stages, arch)
     ptx = compiled.asm["ptx"]
-    text = log.getvalue()
 
     def number(pattern: str) -> int:
         found = re.search(pattern, text)
