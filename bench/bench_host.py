@@ -21,24 +21,12 @@ import sys
 import time
 
 import torch
+from peft_import import import_peft
 from torch import nn
 
 import attrspace
 
 D_IN, D_OUT, RANK, TOKENS = 32, 48, 4, 4
-
-
-def _import_peft():
-    """peft, imported with this checkout's root off sys.path: its kernels/ folder would shadow the
-    Hugging Face `kernels` package that peft imports."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    saved = sys.path[:]
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != root]
-    try:
-        import peft
-    finally:
-        sys.path[:] = saved
-    return peft
 
 
 def methods(device: str = "cpu") -> dict[str, nn.Module]:
@@ -56,7 +44,7 @@ def methods(device: str = "cpu") -> dict[str, nn.Module]:
         "attrspace LoRA": attrspace.LoRALinear.from_linear(frozen(), RANK, 2 * RANK),
     }
     try:
-        peft = _import_peft()
+        peft = import_peft()
     except ImportError as exc:
         print(f"peft's LoRA is left out: {exc}", file=sys.stderr)
         return out

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from peft_import import import_peft
 from torch import nn
 
 import attrspace
@@ -109,19 +110,6 @@ def graph_time(step: Callable[[], None], rounds: int = ROUNDS) -> float | str:
     return median_time(graph.replay, rounds)
 
 
-def _import_peft():
-    """peft, imported with this checkout's root off sys.path: its kernels/ folder would shadow the
-    Hugging Face `kernels` package that peft imports."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    saved = sys.path[:]
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != root]
-    try:
-        import peft
-    finally:
-        sys.path[:] = saved
-    return peft
-
-
 def _modules(shape, dtype, device) -> dict[str, nn.Module]:
     """The line-up of attrspace.measure.lineup (same frozen W0 for every kind), the subspace layer once
     per backend that can run it here; peft's LoRA where peft imports."""
@@ -139,7 +127,7 @@ def _modules(shape, dtype, device) -> dict[str, nn.Module]:
             out[f"subspace K={K} [{name}]"] = layer("subspace", name)
     out[f"LoRA r={LORA_RANK}"] = layer("lora")
     try:
-        _import_peft()
+        import_peft()
     except ImportError as exc:
         print(f"peft's LoRA is left out: {exc}", file=sys.stderr)
         return out
