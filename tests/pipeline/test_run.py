@@ -27,15 +27,6 @@ from attrspace.pipeline.stages.mining import bank_path
 MICRO = get_preset("micro")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: tiny models only lose time to thread hand-offs on 2 shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _files(root: Path) -> dict[str, int]:
     """Every file under root with its modification time in ns."""
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}

@@ -28,15 +28,6 @@ from attrspace.pipeline.stages.evaluate import error_terms, scene_metrics
 from attrspace.train.trainer import TrainConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: tiny models only lose time to thread hand-offs on 2 shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_digest_follows_every_field():
     a = TrainConfig(steps=10)
     assert digest("x", a) == digest("x", TrainConfig(steps=10))
