@@ -152,6 +152,43 @@ def test_bad_inputs_are_named():
         subspace_linear(*args, backend="fast")
 
 
+def _corruptions(t: dict) -> list[tuple[str, dict]]:
+    """One argument made wrong at a time: shape, dtype, device, trainable frozen tensors."""
+    out = []
+    for name in ("x", "weight", "bias", "U", "V", "M"):
+        v = t[name]
+        out += [
+            (f"{name} shape", {name: v[..., :-1] if v.ndim else v}),
+            (f"{name} device", {name: v.to("meta")}),
+        ]
+        if name != "M":  # M may be any float dtype
+            out.append((f"{name} dtype", {name: v.double()}))
+    out += [
+        ("x int", {"x": t["x"].to(torch.int32)}),
+        ("x 0-d", {"x": torch.tensor(1.0)}),
+        ("M 1-d", {"M": t["M"][0]}),
+        ("trainable weight", {"weight": t["weight"].clone().requires_grad_()}),
+        ("trainable bias", {"bias": t["bias"].clone().requires_grad_()}),
+    ]
+    return out
+
+
+def test_fast_check_accepts_only_what_the_full_check_accepts():
+    """_check answers a well-formed call from one expression (_well_formed) and explains a bad one
+    from the detailed checks; every single corruption must fail the expression and raise."""
+    from attrspace.adapters.functional import _check, _well_formed
+
+    t = layer_inputs(8, 16, 12, 4)
+    order = ("x", "weight", "bias", "U", "V", "M")
+    assert _well_formed(*(t[k] for k in order))
+    assert _well_formed(*(t[k] if k != "bias" else None for k in order))
+    for what, change in _corruptions(t):
+        args = [change.get(k, t[k]) for k in order]
+        assert not _well_formed(*args), what
+        with pytest.raises((ValueError, TypeError)):
+            _check(*args)
+
+
 def test_explicit_unavailable_backend_is_an_error_not_a_fallback():
     t = layer_inputs(8, 16, 12, 4)
     for name, status in attrspace.backends().items():
