@@ -205,73 +205,125 @@ __device__ __forceinline__ void finish(const FusedGemmArgs& args, const Plan& pl
 }
 
 // ---- Factor tiles and dM ----------------------------------------------------------------------
+// Both are small products C (rows x cols, rows <= kBn, cols = R <= kMaxRank) = sum over k < depth of
+// A(k, r) B(k, c) in fp32 with exact products (fmaf, in k order): E = F M' (k over R) and the dM
+// part g^T z (k over a row block's tokens). outer_sum() stages kChunk values of k at a time in
+// shared memory, A as (kChunk x kBn) and B as (kChunk x kMaxRank), and each thread accumulates 4 x 4
+// blocks of C (kSteps of them): two 16-byte shared loads feed 16 FMAs, so neither product is bound
+// by loads.
 
-// Rows n0 .. n0 + rows of E = scale F M' (M' = M, or M^T when kTransposed) in fp32 with exact
-// products (fmaf), then the column tile's flag. The work is N R^2 FMAs over the whole launch, a few
-// thousandths of the main products, so a plain loop over (n, j) with M read through L1 serves.
-template <typename Elem, bool kTransposed>
-__device__ void factor_tile(const FusedGemmArgs& args, const Plan& plan, int col_block, int bn) {
-  const int N = static_cast<int>(args.n), R = static_cast<int>(args.rank);
-  const int n0 = col_block * bn, rows = min(bn, N - n0);
-  const Elem* f = static_cast<const Elem*>(args.factor);
-  const float* core = args.core;
-  for (int i = threadIdx.x; i < rows * R; i += kThreads) {
-    const int n = n0 + i / R, j = i % R;
-    const Elem* f_row = f + n * (i64)R;
-    float sum = 0.f;
-    for (int k = 0; k < R; ++k) {
-      sum = fmaf(to_float(f_row[k]), kTransposed ? core[j * R + k] : core[k * R + j], sum);
+template <int kBn>
+struct OuterBlocks {
+  static constexpr int kSteps = (kBn / 4) * (kMaxRank / 4) / kThreads;
+  static_assert(kSteps * kThreads == (kBn / 4) * (kMaxRank / 4), "whole 4 x 4 blocks per thread");
+  float acc[kSteps][4][4];
+};
+
+// load_a(k, r) and load_b(k, c) are called for k < depth, r < rows, c < cols only.
+template <int kBn, int kChunk, typename LoadA, typename LoadB>
+__device__ void outer_sum(int depth, int rows, int cols, LoadA load_a, LoadB load_b, float* as,
+                          float* bs, OuterBlocks<kBn>& c) {
+  constexpr int kSteps = OuterBlocks<kBn>::kSteps;
+  const int groups = cdiv(cols, 4), width = groups * 4, blocks = cdiv(rows, 4) * groups;
+#pragma unroll
+  for (int s = 0; s < kSteps; ++s) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) c.acc[s][i][j] = 0.f;
     }
-    args.e[n * (i64)R + j] = sum * args.scale;
   }
+  for (int k0 = 0; k0 < depth; k0 += kChunk) {
+    __syncthreads();  // the previous chunk (or the tile's main loop) is done with the buffers
+    for (int i = threadIdx.x; i < kChunk * kBn; i += kThreads) {
+      const int k = i / kBn, r = i % kBn;
+      as[i] = k0 + k < depth && r < rows ? load_a(k0 + k, r) : 0.f;
+    }
+    for (int i = threadIdx.x; i < kChunk * width; i += kThreads) {
+      const int k = i / width, col = i % width;
+      bs[k * kMaxRank + col] = k0 + k < depth && col < cols ? load_b(k0 + k, col) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s) {
+      const int b = threadIdx.x + s * kThreads;
+      if (b < blocks) {
+        const int r = (b / groups) * 4, col = (b % groups) * 4;
+#pragma unroll 4
+        for (int k = 0; k < kChunk; ++k) {
+          const float4 av = *reinterpret_cast<const float4*>(as + k * kBn + r);
+          const float4 bv = *reinterpret_cast<const float4*>(bs + k * kMaxRank + col);
+          const float a4[4] = {av.x, av.y, av.z, av.w};
+          const float b4[4] = {bv.x, bv.y, bv.z, bv.w};
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) c.acc[s][i][j] = fmaf(a4[i], b4[j], c.acc[s][i][j]);
+          }
+        }
+      }
+    }
+  }
+}
+
+// Calls store(r, c, value) for every element of the rows x cols result.
+template <int kBn, typename Store>
+__device__ void outer_store(int rows, int cols, const OuterBlocks<kBn>& c, Store store) {
+  const int groups = cdiv(cols, 4), blocks = cdiv(rows, 4) * groups;
+#pragma unroll
+  for (int s = 0; s < OuterBlocks<kBn>::kSteps; ++s) {
+    const int b = threadIdx.x + s * kThreads;
+    if (b < blocks) {
+      const int r = (b / groups) * 4, col = (b % groups) * 4;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          if (r + i < rows && col + j < cols) store(r + i, col + j, c.acc[s][i][j]);
+        }
+      }
+    }
+  }
+}
+
+// Rows n0 .. n0 + kBn of E = scale F M' (M' = M, or M^T when kTransposed), then the column tile's
+// flag. as / bs: kChunk x kBn and kChunk x kMaxRank floats of the caller's shared memory.
+template <typename Elem, bool kTransposed, int kBn, int kChunk>
+__device__ void factor_tile(const FusedGemmArgs& args, const Plan& plan, int col_block, float* as,
+                            float* bs) {
+  const int N = static_cast<int>(args.n), R = static_cast<int>(args.rank);
+  const int n0 = col_block * kBn;
+  const Elem* f = static_cast<const Elem*>(args.factor) + n0 * (i64)R;
+  const float* core = args.core;
+  OuterBlocks<kBn> c;
+  outer_sum<kBn, kChunk>(
+      R, min(kBn, N - n0), R, [&](int k, int n) { return to_float(f[n * (i64)R + k]); },
+      [&](int k, int j) { return kTransposed ? core[j * R + k] : core[k * R + j]; }, as, bs, c);
+  float* e = args.e + n0 * (i64)R;
+  const float scale = args.scale;
+  outer_store(min(kBn, N - n0), R, c,
+              [&](int n, int j, float v) { e[n * (i64)R + j] = v * scale; });
   publish(factor_flag(args, plan, col_block));
 }
 
 // The dM part of projection tile (row_block, col_block), which has just stored its proj32 (g)
-// columns r0 .. r0 + bn: slot[row_block][r][j] = sum over the row block's rows of g[t][r] z[t][j],
-// staged kChunk rows at a time in gs (kChunk x kBn) and zs (kChunk x kMaxRank) of the caller's
-// shared memory. Then the projection tile that finishes last sums the slots in row-block order (the
-// same order whichever tile is last: deterministic) into dm = scale * sum.
+// columns r0 .. r0 + kBn: slot[row_block][r][j] = sum over the row block's tokens t of
+// g[t][r] z[t][j]. Then the projection tile that finishes last sums the slots in row-block order
+// (the same order whichever tile is last: deterministic) into dm = scale * sum.
 template <typename Elem, int kBm, int kBn, int kChunk>
 __device__ void grad_m_part(const FusedGemmArgs& args, const Plan& plan, int row_block,
-                            int col_block, float* gs, float* zs) {
-  constexpr int kPer = kBn * kMaxRank / kThreads;
-  static_assert(kPer * kThreads == kBn * kMaxRank, "whole outputs per thread");
+                            int col_block, float* as, float* bs) {
   const int M = static_cast<int>(args.m), R = static_cast<int>(args.rank);
   const int m0 = row_block * kBm, r0 = col_block * kBn;
-  const int rows_m = min(kBm, M - m0), rows_r = min(kBn, R - r0);
-  const Elem* side = static_cast<const Elem*>(args.side);
-  float acc[kPer];
-#pragma unroll
-  for (int p = 0; p < kPer; ++p) acc[p] = 0.f;
-  for (int c0 = 0; c0 < rows_m; c0 += kChunk) {
-    __syncthreads();  // the previous chunk (or the tile's main loop) is done with the buffers
-    for (int i = threadIdx.x; i < kChunk * kBn; i += kThreads) {
-      const int row = i / kBn, col = i % kBn, t = m0 + c0 + row;
-      // this block's own stores of proj32, ordered before these loads by the barriers above
-      gs[i] = c0 + row < rows_m && col < rows_r ? args.proj32[t * (i64)R + r0 + col] : 0.f;
-    }
-    for (int i = threadIdx.x; i < kChunk * R; i += kThreads) {
-      const int row = i / R, col = i % R, t = m0 + c0 + row;
-      zs[i] = c0 + row < rows_m ? to_float(side[t * (i64)R + col]) : 0.f;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int p = 0; p < kPer; ++p) {
-      const int idx = threadIdx.x + p * kThreads;
-      if (idx < rows_r * R) {
-        const int r = idx / R, j = idx % R;
-#pragma unroll 8
-        for (int k = 0; k < kChunk; ++k) acc[p] = fmaf(gs[k * kBn + r], zs[k * R + j], acc[p]);
-      }
-    }
-  }
-  float* slot = args.part + row_block * (i64)R * R;
-#pragma unroll
-  for (int p = 0; p < kPer; ++p) {
-    const int idx = threadIdx.x + p * kThreads;
-    if (idx < rows_r * R) slot[r0 * R + idx] = acc[p];  // row r0 + idx / R, column idx % R
-  }
+  // this block's own stores of proj32, ordered before these loads by outer_sum's barriers
+  const float* g = args.proj32 + m0 * (i64)R + r0;
+  const Elem* side = static_cast<const Elem*>(args.side) + m0 * (i64)R;
+  OuterBlocks<kBn> c;
+  outer_sum<kBn, kChunk>(
+      min(kBm, M - m0), min(kBn, R - r0), R, [&](int t, int r) { return g[t * (i64)R + r]; },
+      [&](int t, int j) { return to_float(side[t * (i64)R + j]); }, as, bs, c);
+  float* slot = args.part + row_block * (i64)R * R + r0 * (i64)R;
+  outer_store(min(kBn, R - r0), R, c, [&](int r, int j, float v) { slot[r * (i64)R + j] = v; });
   if (!arrive_last(args.schedule + kGradDone, plan.n_row * plan.n_proj)) return;
   for (int i = threadIdx.x; i < R * R; i += kThreads) {
     float sum = 0.f;

@@ -44,11 +44,13 @@ __device__ __forceinline__ FusedGemmArgs pack_args(ATTRSPACE_KERNEL_PARAMS) {
 // One resident block per SM is asked of ptxas, not two: two cap a thread at 128 registers, and the
 // tensor-core tiles then spill 36-40 bytes per thread inside the main loop (ptxas -v, sm_80 and
 // sm_90); with one they take 168 registers and spill nothing (tests/kernels/test_static.py).
+// The fp32 SIMT tiles ask for two: without a count ptxas aimed at three blocks (80 registers) and
+// spilled 4-12 bytes in the factor / dM code; two allow 128 and it spills nothing.
 #define ATTRSPACE_PACKED                                                                     \
   pack_args(a, b_main, b_proj, bias, e, out, proj32, proj, schedule, factor, core, side, dm, part, \
             m, n, kd, rank, scale)
 
-extern "C" __global__ void __launch_bounds__(kThreads)
+extern "C" __global__ void __launch_bounds__(kThreads, 2)
     attrspace_forward_f32(ATTRSPACE_KERNEL_PARAMS) {
   simt::fused_tile<kNK>(ATTRSPACE_PACKED);
 }
@@ -60,7 +62,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
     attrspace_forward_bf16(ATTRSPACE_KERNEL_PARAMS) {
   tc::fused_tile<__nv_bfloat16, kNK>(ATTRSPACE_PACKED);
 }
-extern "C" __global__ void __launch_bounds__(kThreads)
+extern "C" __global__ void __launch_bounds__(kThreads, 2)
     attrspace_backward_f32(ATTRSPACE_KERNEL_PARAMS) {
   simt::fused_tile<kKN>(ATTRSPACE_PACKED);
 }

@@ -62,9 +62,10 @@ __device__ void accumulate(const float* a, i64 lda, const float* b, i64 ldb, int
   }
 }
 
-constexpr int kGradChunk = 8;  // rows of g and z staged at a time for dM: 8 x 64 and 8 x 128 floats
-static_assert(kGradChunk * BN <= BK * kStride && kGradChunk * kMaxRank <= BK * kStride,
-              "the dM chunks fit the tile buffers");
+// k values staged at a time by the factor tiles and the dM parts: 8 x 64 and 8 x 128 floats
+constexpr int kOuterChunk = 8;
+static_assert(kOuterChunk * BN <= BK * kStride && kOuterChunk * kMaxRank <= BK * kStride,
+              "the staged chunks fit the tile buffers");
 
 // kGradM: the backward entry points, whose projection tiles may also form the dM parts (compiled
 // there only: the forward's registers stay those of its main loops).
@@ -93,7 +94,7 @@ __device__ void projection_tile(const FusedGemmArgs& args, const Plan& plan, con
   publish(row_flag(args, tile.row_block));
   if constexpr (kGradM) {
     if (args.dm != nullptr) {
-      grad_m_part<float, BM, BN, kGradChunk>(args, plan, tile.row_block, tile.col_block, as, bs);
+      grad_m_part<float, BM, BN, kOuterChunk>(args, plan, tile.row_block, tile.col_block, as, bs);
     }
   }
 }
@@ -135,7 +136,7 @@ __device__ void fused_tile(const FusedGemmArgs& args) {
   const Plan plan = make_plan(args, BM, BN);
   const Tile tile = take_tile(args.schedule, plan);
   if (tile.kind == kFactorTile) {
-    factor_tile<float, kMainLayout == kKN>(args, plan, tile.col_block, BN);
+    factor_tile<float, kMainLayout == kKN, BN, kOuterChunk>(args, plan, tile.col_block, as, bs);
   } else if (tile.kind == kProjectionTile) {
     projection_tile<kMainLayout == kKN>(args, plan, tile, as, bs);
   } else if (tile.kind == kOutputTile) {

@@ -269,8 +269,9 @@ __device__ void store_output(const Acc& acc, const Elem* bias, Elem* out, int m0
   }
 }
 
-constexpr int kGradChunk = 32;  // rows of g and z staged at a time for dM: 32 x 128 floats each
-static_assert(kGradChunk * (BN + kMaxRank) * 4 <= kSmemBytes, "the dM chunks fit the buffers");
+// k values staged at a time by the factor tiles and the dM parts: 32 x 128 floats each
+constexpr int kOuterChunk = 32;
+static_assert(kOuterChunk * (BN + kMaxRank) * 4 <= kSmemBytes, "the staged chunks fit the buffers");
 
 // kGradM: the backward entry points, whose projection tiles may also form the dM parts (compiled
 // there only: the forward's registers stay those of its main loops).
@@ -288,8 +289,8 @@ __device__ void projection_tile(const FusedGemmArgs& args, const Plan& plan, con
   if constexpr (kGradM) {
     if (args.dm != nullptr) {
       float* gs = reinterpret_cast<float*>(smem);
-      grad_m_part<Elem, BM, BN, kGradChunk>(args, plan, tile.row_block, tile.col_block, gs,
-                                            gs + kGradChunk * BN);
+      grad_m_part<Elem, BM, BN, kOuterChunk>(args, plan, tile.row_block, tile.col_block, gs,
+                                             gs + kOuterChunk * BN);
     }
   }
 }
@@ -319,7 +320,9 @@ __device__ void fused_tile(const FusedGemmArgs& args) {
   const Plan plan = make_plan(args, BM, BN);
   const Tile tile = take_tile(args.schedule, plan);
   if (tile.kind == kFactorTile) {
-    factor_tile<Elem, kMainLayout == kKN>(args, plan, tile.col_block, BN);
+    float* as = reinterpret_cast<float*>(smem);
+    factor_tile<Elem, kMainLayout == kKN, BN, kOuterChunk>(args, plan, tile.col_block, as,
+                                                           as + kOuterChunk * BN);
   } else if (tile.kind == kProjectionTile) {
     projection_tile<Elem, kMainLayout == kKN>(args, plan, tile, smem);
   } else if (tile.kind == kOutputTile) {

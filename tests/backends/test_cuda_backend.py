@@ -357,7 +357,8 @@ def _check_factored(T, d_in, d_out, K, dtype, with_bias, need_dx, seed, device="
     assert_close(y, y64, dtype, "y", baseline=y_torch)
     assert_close(z, z64, dtype, "z", baseline=z_torch)
 
-    dy = torch.randn(T, d_out, generator=torch.Generator().manual_seed(seed + 7)).to(dtype)
+    dy = torch.randn(T, d_out, generator=torch.Generator().manual_seed(seed + 7))
+    dy = dy.to(device=device, dtype=dtype)
     dx = _nan(T, d_in, dtype=dtype, device=device) if need_dx else None
     dm = _nan(K, K, dtype=torch.float32, device=device)
     _cuda_backend.backward_factored_into(dy, weight, U, V, M, z, s, dx, dm)
@@ -474,6 +475,35 @@ def test_gpu_kernels_match_reference(T, d_in, d_out, K, dtype):
     dy = torch.randn(T, d_out, device="cuda").to(dtype)
     for need_dx in (True, False):
         _check_backward(dy, weight, U, Q, need_dx, _cuda_backend.backward_into)
+
+
+@NEEDS_GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("T", "d_in", "d_out", "K"), GPU_SHAPES)
+def test_gpu_factored_passes_match_reference(T, d_in, d_out, K, dtype):
+    if _cuda_backend.unavailable_reason() is not None:
+        pytest.skip(_cuda_backend.unavailable_reason())
+    for need_dx, seed in ((True, 0), (False, 1)):
+        _check_factored(T, d_in, d_out, K, dtype, need_dx, need_dx, seed, device="cuda")
+
+
+@NEEDS_GPU
+@pytest.mark.gpu
+def test_gpu_factored_backward_is_deterministic():
+    """dM is summed in row-block order whichever block finishes last, and the schedule each launch
+    leaves behind serves the next: repeated launches give identical bits."""
+    if _cuda_backend.unavailable_reason() is not None:
+        pytest.skip(_cuda_backend.unavailable_reason())
+    t = layer_inputs(2048, 256, 264, 64, dtype=torch.bfloat16, device="cuda", seed=2)
+    U, V, M = t["U"].contiguous(), t["V"].contiguous(), t["M"].float()
+    _, z = _cuda_backend.forward_factored(t["x"], t["weight"], t["bias"], U, V, M, 0.5)
+    dy = torch.randn(2048, 264, device="cuda").bfloat16()
+    runs = [
+        _cuda_backend.backward_factored(dy, t["weight"], U, V, M, z, 0.5, True) for _ in range(3)
+    ]
+    for dx, dm in runs[1:]:
+        assert torch.equal(dx, runs[0][0]) and torch.equal(dm, runs[0][1])
 
 
 @NEEDS_GPU
