@@ -433,6 +433,30 @@ def test_emulated_factored_entry_points_and_ops(emulated):
     assert_close(M.grad, dm.double(), torch.float32, "dM")  # the same launch as above, with dx
 
 
+def test_emulated_layer_compiles_fullgraph(emulated):
+    """Under torch.compile(fullgraph=True) SubspaceLinearFn reaches the whole-layer custom ops (no
+    graph break at the launch) and gives the eager results: one launch per pass either way."""
+    from attrspace.adapters.functional import SubspaceLinearFn
+
+    t = layer_inputs(13, 24, 16, 4, dtype=torch.float16, seed=6)
+    dy = torch.randn(13, 16).half()
+
+    def layer(x, M):
+        return SubspaceLinearFn.apply(x, t["weight"], t["bias"], t["U"], t["V"], M, 0.5, "cuda")
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (layer, compiled):
+        emulated.clear()
+        x, M = t["x"].clone().requires_grad_(), t["M"].float().requires_grad_()
+        y = fn(x, M)
+        y.backward(dy)
+        results.append((y.detach(), x.grad, M.grad))
+        assert [kind for kind, _, _ in emulated] == ["forward", "backward"]
+    for eager, traced in zip(*results, strict=True):
+        assert torch.equal(eager, traced)
+
+
 def test_emulated_custom_ops_pass_opcheck(emulated):
     x, weight, bias, U, V, P, Q = _layer(9, 24, 16, 8, torch.float16, "cpu")
     torch.library.opcheck(torch.ops.attrspace.cuda_subspace_forward, (x, weight, bias, V, P))
