@@ -83,18 +83,18 @@ def torch_concat(d_in: int, d_out: int, T: int = TOKENS, K: int = RANK) -> list[
 
 
 def cuda(d_in: int, d_out: int, T: int = TOKENS, K: int = RANK) -> list[Launch]:
-    """The CUDA backend (csrc/): P and Q by torch, a memset and one mma.sync kernel each way (its
-    rank-K epilogue in TF32), dM by torch (tests/backends/test_launch_counts.py)."""
-    fwd = gemm("y,z kernel", T, d_in, d_out + K, eff=MMA_SYNC)
-    fwd.flops += 2.0 * T * K * d_out
-    bwd = gemm("dx,g kernel", T, d_out, d_in + K, eff=MMA_SYNC)
-    bwd.flops += 2.0 * T * K * d_in
-    factor = [small("U.float", d_out * K), gemm("U M", d_out, K, K, FP32, FP32, FP32),
-              small("* s", d_out * K)]  # fmt: skip
-    return [
-        *factor, small("memset", 1), fwd, *factor, small("memset", 1), bwd,
-        small("z.float", T * K), gemm("g^T z", K, T, K, FP32, FP32, FP32), small("* s", K * K),
-    ]  # fmt: skip
+    """The CUDA backend (csrc/): one mma.sync launch each way, no memset (its rank-K epilogue in TF32),
+    P formed by the forward's first blocks, Q by the backward's, and dM = s g^T z reduced inside the
+    backward (tests/backends/test_launch_counts.py). Bytes as triton(), plus z32 (the forward's fp32
+    z, written and read back) and the dM parts (a K x K fp32 slot per row block of 128 rows)."""
+    fwd = gemm("y,z,P kernel", T, d_in, d_out + K, eff=MMA_SYNC)
+    fwd.flops += 2.0 * T * K * d_out + 2.0 * d_out * K * K
+    fwd.bytes += T * K * (BF16 + 2 * FP32) + d_out * K * (BF16 + FP32)  # z, z32, U in, P scratch
+    bwd = gemm("dx,g,Q,dM kernel", T, d_out, d_in + K, eff=MMA_SYNC)
+    bwd.flops += 2.0 * T * K * d_in + 2.0 * T * K * K + 2.0 * d_in * K * K
+    parts = -(-T // 128) * K * K * FP32 * 2  # written, then read by the last tile
+    bwd.bytes += T * K * (FP32 + BF16) + d_in * K * (BF16 + FP32) + parts
+    return [fwd, bwd]
 
 
 BACKENDS = {"triton": triton, "torch": torch_concat, "cuda": cuda}

@@ -1,5 +1,6 @@
 // Host launchers of the fused adapter kernels (device code: subspace_linear_kernels.cuh).
-// Each pass is one launch on the caller's stream, preceded by a memset of the tile schedule.
+// Each pass is one launch on the caller's stream, and nothing else: the schedule the caller passes is
+// zero and the launch's last CTA puts it back to zero (subspace_linear_common.cuh).
 #include <cuda_runtime.h>
 
 #include <climits>
@@ -14,11 +15,14 @@ namespace attrspace {
 namespace {
 
 namespace k = attrspace_kernels;
-using Kernel = void (*)(const void*, const void*, const void*, const void*, const float*, void*,
-                        float*, void*, int*, long long, long long, long long, long long);
+using Kernel = void (*)(const void*, const void*, const void*, const void*, float*, void*, float*,
+                        void*, int*, const void*, const float*, const void*, float*, float*,
+                        long long, long long, long long, long long, float);
 
-static_assert(k::kTcBlockM >= 64 && k::kSimtBlockM >= 64,
-              "schedule_ints() sizes the schedule for row blocks of at least 64 tokens");
+static_assert(k::kTcBlockM >= 64 && k::kSimtBlockM >= 64 && k::kTcBlockN >= 64 &&
+                  k::kSimtBlockN >= 64,
+              "schedule_ints() and grad_part_floats() size for tiles of at least 64 x 64");
+static_assert(k::kMaxRank == kMaxRank, "one rank limit");
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -38,13 +42,14 @@ void launch(Kernel kernel, const k::FusedGemmArgs& args, DType dtype,
   const int64_t block_n = fp32 ? k::kSimtBlockN : k::kTcBlockN;
   const int64_t n_row = cdiv(args.m, block_m);
   const int64_t n_out = args.out != nullptr ? cdiv(args.n, block_n) : 0;
-  const int64_t tiles = n_row * (cdiv(args.rank, block_n) + n_out);
+  const int64_t n_factor = args.factor != nullptr ? n_out : 0;
+  const int64_t tiles = n_factor + n_row * (cdiv(args.rank, block_n) + n_out);
   if (tiles > INT_MAX) throw std::invalid_argument("too many tiles for one launch");
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  CUDA_CHECK(cudaMemsetAsync(args.schedule, 0, (1 + n_row) * sizeof(int), stream));
   kernel<<<static_cast<unsigned>(tiles), k::kThreads, 0, stream>>>(
       args.a, args.b_main, args.b_proj, args.bias, args.e, args.out, args.proj32, args.proj,
-      args.schedule, args.m, args.n, args.kd, args.rank);
+      args.schedule, args.factor, args.core, args.side, args.dm, args.part, args.m, args.n,
+      args.kd, args.rank, args.scale);
   CUDA_CHECK(cudaGetLastError());
 }
 
@@ -70,6 +75,10 @@ void subspace_forward_cuda(const SubspaceForwardParams& p, std::uintptr_t stream
   args.proj32 = p.z_fp32;
   args.proj = p.z;
   args.schedule = p.schedule;
+  args.factor = p.u;  // P = scale U M, M read as stored
+  args.core = p.m;
+  args.scale = p.scale;
+  if (p.u != nullptr) require(p.m, "m");
   args.m = p.tokens;
   args.n = p.d_out;
   args.kd = p.d_in;
@@ -97,6 +106,17 @@ void subspace_backward_cuda(const SubspaceBackwardParams& p, std::uintptr_t stre
   args.proj32 = p.g;
   args.proj = nullptr;
   args.schedule = p.schedule;
+  args.factor = p.v;  // Q = scale V M^T: the backward entry points read M transposed
+  args.core = p.m;
+  args.side = p.z;
+  args.dm = p.dm;
+  args.part = p.part;
+  args.scale = p.scale;
+  if (p.v != nullptr) require(p.m, "m");
+  if (p.dm != nullptr) {
+    require(p.z, "z");
+    require(p.part, "part");
+  }
   args.m = p.tokens;
   args.n = p.d_in;
   args.kd = p.d_out;

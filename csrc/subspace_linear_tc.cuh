@@ -151,8 +151,9 @@ __device__ void mainloop(const Elem* a, i64 lda, const Elem* b, i64 ldb, int m0,
   cp_async_wait<0>();
 }
 
-// acc += proj32[m0:m0+BM, :] E[n0:n0+BN, :]^T with TF32 MMAs. proj32 was written by other CTAs
-// during this launch, so it is read through L2 (ld.global.cg), never a possibly stale L1 line.
+// acc += proj32[m0:m0+BM, :] E[n0:n0+BN, :]^T with TF32 MMAs. proj32 (and E, when factor tiles
+// formed it) was written by other CTAs during this launch, so both are read through L2
+// (ld.global.cg), never a possibly stale L1 line.
 __device__ void adapter_epilogue(const float* proj32, const float* e, int m0, int n0, int M, int N,
                                  int R, Acc& acc, float* smem) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -169,7 +170,7 @@ __device__ void adapter_epilogue(const float* proj32, const float* e, int m0, in
     }
     for (int i = tid; i < BN * kRankChunk; i += kThreads) {
       const int row = i / kRankChunk, col = i % kRankChunk, gn = n0 + row, gr = r0 + col;
-      es[row * kStrideE + col] = gn < N && gr < R ? e[gn * (i64)R + gr] : 0.f;
+      es[row * kStrideE + col] = gn < N && gr < R ? __ldcg(e + gn * (i64)R + gr) : 0.f;
     }
     __syncthreads();
     const int k_steps = min(kRankChunk / 8, cdiv(R - r0, 8));
@@ -268,32 +269,66 @@ __device__ void store_output(const Acc& acc, const Elem* bias, Elem* out, int m0
   }
 }
 
+// k values staged at a time by the factor tiles and the dM parts: 32 x 128 floats each
+constexpr int kOuterChunk = 32;
+static_assert(kOuterChunk * (BN + kMaxRank) * 4 <= kSmemBytes, "the staged chunks fit the buffers");
+
+// kGradM: the backward entry points, whose projection tiles may also form the dM parts (compiled
+// there only: the forward's registers stay those of its main loops).
+template <typename Elem, bool kGradM>
+__device__ void projection_tile(const FusedGemmArgs& args, const Plan& plan, const Tile& tile,
+                                unsigned char* smem) {
+  const int M = static_cast<int>(args.m), Kd = static_cast<int>(args.kd);
+  const int R = static_cast<int>(args.rank);
+  const int m0 = tile.row_block * BM, n0 = tile.col_block * BN;
+  Acc acc = {};
+  mainloop<Elem, kKN>(static_cast<const Elem*>(args.a), Kd, static_cast<const Elem*>(args.b_proj),
+                      R, m0, n0, M, R, Kd, acc, reinterpret_cast<Elem*>(smem));
+  store_projection(acc, args.proj32, static_cast<Elem*>(args.proj), m0, n0, M, R);
+  publish(row_flag(args, tile.row_block));
+  if constexpr (kGradM) {
+    if (args.dm != nullptr) {
+      float* gs = reinterpret_cast<float*>(smem);
+      grad_m_part<Elem, BM, BN, kOuterChunk>(args, plan, tile.row_block, tile.col_block, gs,
+                                             gs + kOuterChunk * BN);
+    }
+  }
+}
+
 template <typename Elem, int kMainLayout>
-__device__ void fused_tile(const FusedGemmArgs& args) {
-  __shared__ __align__(16) unsigned char smem[kSmemBytes];
+__device__ void output_tile(const FusedGemmArgs& args, const Plan& plan, const Tile& tile,
+                            unsigned char* smem) {
   const int M = static_cast<int>(args.m), N = static_cast<int>(args.n);
   const int Kd = static_cast<int>(args.kd), R = static_cast<int>(args.rank);
-  const int n_proj = cdiv(R, BN), n_out = args.out != nullptr ? cdiv(N, BN) : 0;
-  const Tile tile = take_tile(args.schedule, n_proj, n_out);
-  if (tile.row_block >= cdiv(M, BM)) return;  // only if the grid was larger than the tile count
   const int m0 = tile.row_block * BM, n0 = tile.col_block * BN;
-  const Elem* a = static_cast<const Elem*>(args.a);
-  Elem* elems = reinterpret_cast<Elem*>(smem);
-  Acc acc = {};
-  if (tile.projection) {
-    mainloop<Elem, kKN>(a, Kd, static_cast<const Elem*>(args.b_proj), R, m0, n0, M, R, Kd, acc,
-                        elems);
-    store_projection(acc, args.proj32, static_cast<Elem*>(args.proj), m0, n0, M, R);
-    publish(args.schedule + 1 + tile.row_block);
-    return;
-  }
   const i64 ldb = kMainLayout == kNK ? Kd : N;
-  mainloop<Elem, kMainLayout>(a, Kd, static_cast<const Elem*>(args.b_main), ldb, m0, n0, M, N, Kd,
-                              acc, elems);
-  wait_until(args.schedule + 1 + tile.row_block, n_proj);
+  Acc acc = {};
+  mainloop<Elem, kMainLayout>(static_cast<const Elem*>(args.a), Kd,
+                              static_cast<const Elem*>(args.b_main), ldb, m0, n0, M, N, Kd, acc,
+                              reinterpret_cast<Elem*>(smem));
+  wait_until(row_flag(args, tile.row_block), plan.n_proj);
+  if (plan.n_factor > 0) wait_until(factor_flag(args, plan, tile.col_block), 1);
   adapter_epilogue(args.proj32, args.e, m0, n0, M, N, R, acc, reinterpret_cast<float*>(smem));
   store_output(acc, static_cast<const Elem*>(args.bias), static_cast<Elem*>(args.out), m0, n0, M,
                N);
+}
+
+// One CTA of a launch: the tile its ticket names, then the schedule's end-of-launch bookkeeping.
+template <typename Elem, int kMainLayout>
+__device__ void fused_tile(const FusedGemmArgs& args) {
+  __shared__ __align__(16) unsigned char smem[kSmemBytes];
+  const Plan plan = make_plan(args, BM, BN);
+  const Tile tile = take_tile(args.schedule, plan);
+  if (tile.kind == kFactorTile) {
+    float* as = reinterpret_cast<float*>(smem);
+    factor_tile<Elem, kMainLayout == kKN, BN, kOuterChunk>(args, plan, tile.col_block, as,
+                                                           as + kOuterChunk * BN);
+  } else if (tile.kind == kProjectionTile) {
+    projection_tile<Elem, kMainLayout == kKN>(args, plan, tile, smem);
+  } else if (tile.kind == kOutputTile) {
+    output_tile<Elem, kMainLayout>(args, plan, tile, smem);
+  }
+  finish(args, plan);
 }
 
 }  // namespace tc

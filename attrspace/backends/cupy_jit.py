@@ -105,36 +105,43 @@ def _module(device_index: int):
         return cupy.RawModule(code=kernel_source(), options=options)
 
 
-def grid_size(dtype: torch.dtype, tokens: int, n: int, rank: int, with_output: bool) -> int:
-    """Blocks of one launch: row blocks x (projection tiles + output tiles), as the kernels expect."""
+def grid_size(
+    dtype: torch.dtype, tokens: int, n: int, rank: int, with_output: bool, with_factor: bool = False
+) -> int:
+    """Blocks of one launch, as the kernels expect: the factor tiles (one per output column tile,
+    when E is formed in the launch), then row blocks x (projection tiles + output tiles)."""
     c = tile_constants()
     family = "Simt" if dtype == torch.float32 else "Tc"
     block_m, block_n = c[f"k{family}BlockM"], c[f"k{family}BlockN"]
     n_out = -(-n // block_n) if with_output else 0
-    return -(-tokens // block_m) * (-(-rank // block_n) + n_out)
+    n_factor = n_out if with_factor else 0
+    return n_factor + -(-tokens // block_m) * (-(-rank // block_n) + n_out)
 
 
 def launch(
     name: str,
     pointers: tuple[int, ...],
     sizes: tuple[int, int, int, int],
+    scale: float,
     dtype: torch.dtype,
-    schedule: torch.Tensor,
     device: torch.device,
 ) -> None:
     """Launch entry point `name` on torch's current stream of `device`.
 
-    pointers: the 9 device addresses (a, b_main, b_proj, bias, e, out, proj32, proj, schedule; 0 for
-    null) and sizes (m, n, kd, rank) as in FusedGemmArgs. schedule must be the tensor behind the ninth
-    address: it is zeroed here, on the same stream, before the launch.
+    pointers: the 14 device addresses (a, b_main, b_proj, bias, e, out, proj32, proj, schedule,
+    factor, core, side, dm, part; 0 for null), sizes (m, n, kd, rank) and the scale, as in
+    FusedGemmArgs. The schedule (ninth address) must be all zero; the launch leaves it zero.
     """
     import cupy
     import numpy as np
 
     m, n, _, rank = sizes
-    blocks = grid_size(dtype, m, n, rank, with_output=pointers[5] != 0)
-    schedule.zero_()
-    args = tuple(np.uint64(p) for p in pointers) + tuple(np.int64(s) for s in sizes)
+    blocks = grid_size(dtype, m, n, rank, pointers[5] != 0, pointers[9] != 0)
+    args = (
+        tuple(np.uint64(p) for p in pointers)
+        + tuple(np.int64(s) for s in sizes)
+        + (np.float32(scale),)
+    )
     index = device.index if device.index is not None else torch.cuda.current_device()
     kernel = _module(index).get_function(name)
     stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream, index)

@@ -70,3 +70,29 @@ def adapter_custom_ops(backend: str, forward_impl: Callable, backward_impl: Call
     )
     backward_op.register_fake(_backward_fake)
     return forward_op, backward_op
+
+
+def _forward_factored_fake(x, weight, bias, U, V, M, scale):
+    return reference.empty_forward_outputs(x, weight, V)
+
+
+def _backward_factored_fake(dy, weight, U, V, M, z, scale, need_dx):
+    dx = reference.empty_backward_outputs(dy, weight, U, need_dx)[0]
+    return dx, M.new_empty(M.shape)
+
+
+def factored_custom_ops(backend: str, forward_impl: Callable, backward_impl: Callable):
+    """A kernel backend's whole-layer pair as torch.library custom ops
+    `attrspace::<backend>_subspace_forward_factored` / `_backward_factored` with their fakes:
+    forward_impl(x, weight, bias, U, V, M, scale) -> (y, z) and
+    backward_impl(dy, weight, U, V, M, z, scale, need_dx) -> (dx, dM), dx empty (0 rows) when
+    need_dx is False (a custom op cannot return None)."""
+    forward_op = torch.library.custom_op(
+        f"attrspace::{backend}_subspace_forward_factored", forward_impl, mutates_args=()
+    )
+    forward_op.register_fake(_forward_factored_fake)
+    backward_op = torch.library.custom_op(
+        f"attrspace::{backend}_subspace_backward_factored", backward_impl, mutates_args=()
+    )
+    backward_op.register_fake(_backward_factored_fake)
+    return forward_op, backward_op

@@ -130,11 +130,22 @@ def test_native_entry_points_check_their_arguments():
         assert C.subspace_forward(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 8, 8, 4, 0, 0) is None  # T = 0
         with pytest.raises(ValueError, match="must not be null"):
             C.subspace_forward(0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 8, 8, 4, 0, 0)
+        # the whole-layer operands: checked before anything is launched (the addresses are dummies)
+        fwd = (16,) * 9 + (4, 8, 8, 4, 0, 0)
+        with pytest.raises(ValueError, match="m must not be null"):
+            C.subspace_forward(*fwd, u=16, scale=0.5)
+        bwd = (16,) * 7 + (4, 8, 8, 4, 0, 0)
+        with pytest.raises(ValueError, match="z must not be null"):
+            C.subspace_backward(*bwd, v=16, m=16, dm=16, part=16, scale=0.5)
+        with pytest.raises(ValueError, match="part must not be null"):
+            C.subspace_backward(*bwd, v=16, m=16, z=16, dm=16)
     else:
         with pytest.raises(RuntimeError, match="built without CUDA"):
             C.subspace_forward(0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 8, 8, 4, 0, 0)
     for tokens in (0, 1, 63, 64, 65, 10952):
-        assert C.schedule_ints(tokens) == _cuda_backend.schedule_ints(tokens)
+        for n in (1, 64, 65, 3072):
+            assert C.schedule_ints(tokens, n) == _cuda_backend.schedule_ints(tokens, n)
+        assert C.grad_part_floats(tokens, 72) == _cuda_backend.grad_part_floats(tokens, 72)
 
 
 def test_unsupported_inputs_are_named():
@@ -178,6 +189,25 @@ def test_fake_ops_give_shapes_and_dtypes():
     assert dx.shape == (0, 100)
 
 
+def test_factored_fake_ops_give_shapes_and_dtypes():
+    meta = {"device": "meta", "dtype": torch.float16}
+    x, weight, U, V = (torch.empty(*s, **meta) for s in ((37, 100), (72, 100), (72, 24), (100, 24)))
+    M = torch.empty(24, 24, device="meta")
+    y, z = torch.ops.attrspace.cuda_subspace_forward_factored(x, weight, None, U, V, M, 0.5)
+    assert (y.shape, y.dtype, z.shape, z.dtype) == (
+        (37, 72),
+        torch.float16,
+        (37, 24),
+        torch.float16,
+    )
+    dy = torch.empty(37, 72, **meta)
+    for need_dx, rows in ((True, 37), (False, 0)):
+        dx, dm = torch.ops.attrspace.cuda_subspace_backward_factored(
+            dy, weight, U, V, M, z, 0.5, need_dx
+        )
+        assert (dx.shape, dm.shape, dm.dtype) == ((rows, 100), (24, 24), torch.float32)
+
+
 def test_jit_sources_are_device_only_and_complete():
     source = _cupy_jit.kernel_source()
     includes = {line.split()[1] for line in source.splitlines() if line.startswith("#include")}
@@ -191,6 +221,9 @@ def test_jit_sources_are_device_only_and_complete():
     assert _cupy_jit.grid_size(torch.float16, 37, 200, 24, True) == 1 + 2
     assert _cupy_jit.grid_size(torch.float32, 37, 200, 24, True) == 1 + 4
     assert _cupy_jit.grid_size(torch.float32, 130, 200, 72, False) == 3 * 2
+    # factor tiles (one per output column tile) come first; none without output tiles
+    assert _cupy_jit.grid_size(torch.float32, 37, 200, 24, True, True) == 4 + 1 + 4
+    assert _cupy_jit.grid_size(torch.float16, 37, 200, 24, False, True) == 1
 
 
 def test_forward_into_rejects_bad_buffers():
@@ -251,25 +284,30 @@ def emulator(request, tmp_path_factory):
         ctypes.c_int,
         ctypes.POINTER(ctypes.c_ulonglong),
         ctypes.POINTER(ctypes.c_longlong),
+        ctypes.c_float,
     ]
     return lib
 
 
 @pytest.fixture
 def emulated(emulator, monkeypatch):
-    """_cuda_backend with its launcher replaced by the emulation; yields the launches made."""
+    """_cuda_backend with its launcher replaced by the emulation; yields the launches made, each
+    with a copy of the schedule as the launch left it (which must be all zero: no memset before the
+    next launch)."""
     launches = []
 
-    def launch(kind, dtype, pointers, sizes, schedule):
-        schedule.zero_()
-        with_output = pointers[5] != 0
-        blocks = _cupy_jit.grid_size(dtype, *sizes[:2], sizes[3], with_output)
+    def launch(kind, dtype, pointers, sizes, scale, schedule):
+        assert pointers[8] == schedule.data_ptr() and not schedule.any()
+        blocks = _cupy_jit.grid_size(
+            dtype, *sizes[:2], sizes[3], pointers[5] != 0, pointers[9] != 0
+        )
         name = f"attrspace_{kind}_{_cuda_backend._KERNEL_SUFFIX[dtype]}"
         status = emulator.emu_launch(
             name.encode(),
             blocks,
-            (ctypes.c_ulonglong * 9)(*pointers),
+            (ctypes.c_ulonglong * 14)(*pointers),
             (ctypes.c_longlong * 4)(*sizes),
+            ctypes.c_float(scale),
         )
         assert status == 0
         launches.append((kind, blocks, schedule.clone()))
@@ -298,12 +336,125 @@ def test_emulated_kernels_match_reference(emulated, T, d_in, d_out, K, dtype, wi
     _check_forward(x, weight, bias if with_bias else None, V, P, _cuda_backend.forward_into)
     dy = torch.randn(T, d_out, generator=torch.Generator().manual_seed(1)).to(dtype)
     _check_backward(dy, weight, U, Q, need_dx, _cuda_backend.backward_into)
-    # Every block took one ticket, and each row block's flag counts its projection tiles.
-    block_m, block_n = (64, 64) if dtype == torch.float32 else (128, 128)
-    rows, n_proj = -(-T // block_m), -(-K // block_n)
-    for _, blocks, schedule in emulated:
-        assert schedule[0] == blocks
-        assert schedule[1 : 1 + rows].tolist() == [n_proj] * rows
+    # Each launch left its schedule at zero, ready for the next launch without a memset.
+    assert len(emulated) == 2
+    for _, _, schedule in emulated:
+        assert not schedule.any()
+
+
+def _check_factored(T, d_in, d_out, K, dtype, with_bias, need_dx, seed, device="cpu") -> None:
+    """The whole-layer pair (P, Q and dM formed inside the launches) on poisoned outputs against
+    the float64 reference: y and z, then dx (when asked for) and dM = s g^T z."""
+    t = layer_inputs(T, d_in, d_out, K, dtype=dtype, device=device, seed=seed)
+    x, weight, U, V = t["x"], t["weight"], t["U"].contiguous(), t["V"].contiguous()
+    bias, M, s = t["bias"] if with_bias else None, t["M"].float(), 0.25 + seed
+    y, z = _nan(T, d_out, dtype=dtype, device=device), _nan(T, K, dtype=dtype, device=device)
+    _cuda_backend.forward_factored_into(x, weight, bias, U, V, M, s, y, z)
+    f64 = [a.double() if a is not None else None for a in (x, weight, bias, U, V, M)]
+    x64, w64, b64, U64, V64, M64 = f64
+    y64, z64 = reference.forward(x64, w64, b64, V64, s * U64 @ M64)
+    y_torch, z_torch = reference.forward(x, weight, bias, V, s * U.float() @ M)
+    assert_close(y, y64, dtype, "y", baseline=y_torch)
+    assert_close(z, z64, dtype, "z", baseline=z_torch)
+
+    dy = torch.randn(T, d_out, generator=torch.Generator().manual_seed(seed + 7))
+    dy = dy.to(device=device, dtype=dtype)
+    dx = _nan(T, d_in, dtype=dtype, device=device) if need_dx else None
+    dm = _nan(K, K, dtype=torch.float32, device=device)
+    _cuda_backend.backward_factored_into(dy, weight, U, V, M, z, s, dx, dm)
+    dx64, g64 = reference.backward(dy.double(), w64, U64, s * V64 @ M64.t(), True)
+    dx_torch, g_torch = reference.backward(dy, weight, U, s * V.float() @ M.t(), True)
+    assert_close(dm, reference.grad_m(g64, z.double(), s), torch.float32, "dM",
+                 baseline=reference.grad_m(g_torch, z.float(), s))  # fmt: skip
+    if need_dx:
+        assert_close(dx, dx64, dtype, "dx", baseline=dx_torch)
+
+
+FACTORED_CASES = [  # (T, d_in, d_out, K, dtype, with bias, need dx)
+    pytest.param(37, 100, 72, 24, torch.float32, True, True, id="ragged-fp32"),
+    pytest.param(45, 40, 88, 12, torch.float16, True, False, id="ragged-fp16-no-dx"),
+    pytest.param(29, 56, 24, 16, torch.bfloat16, False, True, id="ragged-bf16"),
+    # 2 row blocks and 2 factor / output column tiles of 128; rows of U and V (K = 5) too short for
+    # 16-byte copies
+    pytest.param(130, 136, 200, 5, torch.bfloat16, True, True, id="blocks-bf16"),
+    pytest.param(131, 72, 136, 9, torch.float16, False, True, id="blocks-fp16"),
+    # K = 72 > 64: each row block's g (and its dM part) in 2 column tiles; 2 and 3 row blocks
+    pytest.param(70, 80, 136, 72, torch.float32, True, True, id="wide-rank-fp32"),
+    pytest.param(150, 96, 80, 72, torch.float32, False, False, id="wide-rank-fp32-no-dx"),
+]
+
+
+@pytest.mark.parametrize(
+    ("T", "d_in", "d_out", "K", "dtype", "with_bias", "need_dx"), FACTORED_CASES
+)
+def test_emulated_factored_passes_match_reference(
+    emulated, monkeypatch, T, d_in, d_out, K, dtype, with_bias, need_dx
+):
+    # scratch poisoned too: P / Q (factor tiles), g, z before rounding, the dM parts
+    monkeypatch.setattr(
+        _cuda_backend,
+        "_scratch",
+        lambda *shape, device: _nan(*shape, dtype=torch.float32, device=device),
+    )
+    for seed in (0, 1):  # the second pair reuses the schedule the first left behind
+        _check_factored(T, d_in, d_out, K, dtype, with_bias, need_dx, seed)
+    assert [kind for kind, _, _ in emulated] == ["forward", "backward"] * 2
+    for _, _, schedule in emulated:
+        assert not schedule.any()  # reset by each launch's last block: no memset before the next
+
+
+def test_emulated_factored_entry_points_and_ops(emulated):
+    """forward_factored / backward_factored (eager: the launcher; the custom ops: opcheck) give
+    the factored results, and SubspaceLinearFn uses them: one launch per pass."""
+    from attrspace.adapters.functional import SubspaceLinearFn
+
+    t = layer_inputs(21, 40, 24, 8, dtype=torch.float16, seed=5)
+    args = (t["x"], t["weight"], t["bias"], t["U"], t["V"], t["M"].float(), 0.5)
+    y, z = _cuda_backend.forward_factored(*args)
+    assert_close(y, reference.forward(*(a.double() for a in args[:3]), args[4].double(),
+                                      0.5 * args[3].double() @ args[5].double())[0],
+                 torch.float16, "y")  # fmt: skip
+    dy = torch.randn(21, 24).half()
+    dx, dm = _cuda_backend.backward_factored(
+        dy, t["weight"], t["U"], t["V"], args[5], z, 0.5, False
+    )
+    assert dx is None and dm.shape == (8, 8) and dm.dtype == torch.float32
+    torch.library.opcheck(torch.ops.attrspace.cuda_subspace_forward_factored, args)
+    for need_dx in (True, False):
+        torch.library.opcheck(
+            torch.ops.attrspace.cuda_subspace_backward_factored,
+            (dy, t["weight"], t["U"], t["V"], args[5], z, 0.5, need_dx),
+        )
+    emulated.clear()
+    x = t["x"].clone().requires_grad_()
+    M = args[5].clone().requires_grad_()
+    SubspaceLinearFn.apply(x, t["weight"], t["bias"], t["U"], t["V"], M, 0.5, "cuda").backward(dy)
+    assert [kind for kind, _, _ in emulated] == ["forward", "backward"]
+    assert_close(M.grad, dm.double(), torch.float32, "dM")  # the same launch as above, with dx
+
+
+def test_emulated_layer_compiles_fullgraph(emulated):
+    """Under torch.compile(fullgraph=True) SubspaceLinearFn reaches the whole-layer custom ops (no
+    graph break at the launch) and gives the eager results: one launch per pass either way."""
+    from attrspace.adapters.functional import SubspaceLinearFn
+
+    t = layer_inputs(13, 24, 16, 4, dtype=torch.float16, seed=6)
+    dy = torch.randn(13, 16).half()
+
+    def layer(x, M):
+        return SubspaceLinearFn.apply(x, t["weight"], t["bias"], t["U"], t["V"], M, 0.5, "cuda")
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (layer, compiled):
+        emulated.clear()
+        x, M = t["x"].clone().requires_grad_(), t["M"].float().requires_grad_()
+        y = fn(x, M)
+        y.backward(dy)
+        results.append((y.detach(), x.grad, M.grad))
+        assert [kind for kind, _, _ in emulated] == ["forward", "backward"]
+    for eager, traced in zip(*results, strict=True):
+        assert torch.equal(eager, traced)
 
 
 def test_emulated_custom_ops_pass_opcheck(emulated):
@@ -348,6 +499,35 @@ def test_gpu_kernels_match_reference(T, d_in, d_out, K, dtype):
     dy = torch.randn(T, d_out, device="cuda").to(dtype)
     for need_dx in (True, False):
         _check_backward(dy, weight, U, Q, need_dx, _cuda_backend.backward_into)
+
+
+@NEEDS_GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("T", "d_in", "d_out", "K"), GPU_SHAPES)
+def test_gpu_factored_passes_match_reference(T, d_in, d_out, K, dtype):
+    if _cuda_backend.unavailable_reason() is not None:
+        pytest.skip(_cuda_backend.unavailable_reason())
+    for need_dx, seed in ((True, 0), (False, 1)):
+        _check_factored(T, d_in, d_out, K, dtype, need_dx, need_dx, seed, device="cuda")
+
+
+@NEEDS_GPU
+@pytest.mark.gpu
+def test_gpu_factored_backward_is_deterministic():
+    """dM is summed in row-block order whichever block finishes last, and the schedule each launch
+    leaves behind serves the next: repeated launches give identical bits."""
+    if _cuda_backend.unavailable_reason() is not None:
+        pytest.skip(_cuda_backend.unavailable_reason())
+    t = layer_inputs(2048, 256, 264, 64, dtype=torch.bfloat16, device="cuda", seed=2)
+    U, V, M = t["U"].contiguous(), t["V"].contiguous(), t["M"].float()
+    _, z = _cuda_backend.forward_factored(t["x"], t["weight"], t["bias"], U, V, M, 0.5)
+    dy = torch.randn(2048, 264, device="cuda").bfloat16()
+    runs = [
+        _cuda_backend.backward_factored(dy, t["weight"], U, V, M, z, 0.5, True) for _ in range(3)
+    ]
+    for dx, dm in runs[1:]:
+        assert torch.equal(dx, runs[0][0]) and torch.equal(dm, runs[0][1])
 
 
 @NEEDS_GPU

@@ -45,6 +45,7 @@ struct Index3 {
   unsigned x = 0, y = 0, z = 0;
 };
 inline Index3 thread_index;  // of the fiber running now
+inline Index3 grid_dim;      // of the launch running now
 
 constexpr int kWarpSize = 32;
 constexpr std::size_t kStackBytes = 128 * 1024;
@@ -161,6 +162,7 @@ inline float bits_to_float(unsigned bits) {
 }  // namespace emu
 
 #define threadIdx (emu::thread_index)
+#define gridDim (emu::grid_dim)
 #define __syncthreads() \
   (emu::Block::current_block->arrive_and_wait(emu::Block::current_block->sync()))
 
