@@ -38,6 +38,7 @@ of an output ticket's work, so the wait is usually over. The full argument is be
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -431,7 +432,12 @@ INTERPRETER_SMS = 2
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return INTERPRETER_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _launch(
