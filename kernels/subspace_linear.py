@@ -263,6 +263,21 @@ def _output_program(
     )
 
 
+_INTERPRETED = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def _fence_proxy_async(x):
+    """fence.proxy.async.shared::cta in every thread. The next ticket's TMA copies (async proxy)
+    may land in shared memory that this ticket's epilogue wrote or read with ordinary instructions
+    (generic proxy); a barrier alone does not order the two proxies, each accessing thread's fence
+    before the barrier does (the next ticket's atomic broadcasts through shared memory behind one)."""
+    tl.inline_asm_elementwise(
+        "fence.proxy.async.shared::cta;\nmov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32,
+        is_pure=False, pack=1,
+    )  # fmt: skip
+
+
 @triton.jit
 def _run_ticket(
     ticket, a_ptr, b_ptr, c_ptr, e_ptr, f_ptr, m_ptr, bias_ptr, out_ptr, side_ptr, zs_ptr,
@@ -377,6 +392,8 @@ def _fused_kernel(
                 K_PAD, HAS_BIAS, FACTOR, GRAD_M, PRECISION, ADAPTER_PRECISION, TMA,
                 B_ROWS_ARE_N, BLOCK_M, BLOCK_N, BLOCK_R, GROUP_M,
             )  # fmt: skip
+            if TMA and not _INTERPRETED:
+                _fence_proxy_async(ticket)
             ticket = tl.atomic_add(sched_ptr, 1)
     else:  # the grid has one program per ticket: every ticket taken is in range
         _run_ticket(
