@@ -23,10 +23,11 @@ from L2 at every tile (1 MiB per row block at d_in = 4096: more than L2 holds fo
 flags the launch is an ordinary grouped GEMM over the virtual weight [C^T; B^T] of K_PAD + N columns:
 no repeated work, full occupancy, and a group's x rows come from HBM once and from L2 afterwards.
 The grid is persistent: min(SMs x PROGRAMS_PER_SM, tickets) programs (PROGRAMS_PER_SM per config in
-_config, as many as fit on an SM at once), each taking tickets from an atomic counter and working them
-one after another until they run out: a launch starts one wave of programs, not one block per tile
-(1130 tickets in the forward at T = 8 x 1369, 1024 -> 3072 with 128 x 256 tiles). The g-only backward (no output columns, at most
-T / BLOCK_M tickets) runs one program per ticket.
+_config: as many as fit on one SM on both sm_80 and sm_90a), each taking tickets from an atomic
+counter and working them one after another until they run out: a launch starts one wave of programs,
+not one block per tile (1130 tickets in the forward at T = 8 x 1369, 1024 -> 3072 with 128 x 256
+tiles). The g-only backward (no output columns, at most T / BLOCK_M tickets) runs one program per
+ticket.
 Deadlock freedom: a ticket's role comes from its number, not from a program id (CUDA does not promise
 to start blocks in id order). A group's side tickets are lower than its output tickets, so output work
 waits only on work whose ticket was taken earlier, by a program that is running; that program never
