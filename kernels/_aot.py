@@ -45,6 +45,10 @@ class Figures:
     sass: int  # SASS instructions of the kernel
     sass_mma: int  # tensor-core MMAs among them (HGMMA, HMMA, DMMA, ...)
     tma_loads: int  # UTMALDG among them (bulk tensor copies through descriptors)
+    local_memory: int  # LDL / STL among them (spills, or arrays ptxas put in local memory)
+    # ptxas info C7510: wgmma.mma_async serialized (each one waited for before the next issues),
+    # for instance where a wgmma pipeline would cross a function call or a loop it cannot follow
+    wgmma_serialized: bool
 
 
 def _bin(tool: str) -> str:
@@ -132,11 +136,12 @@ def compile_one(
     compiled, sass, text = _compile(src, warps, stages, arch)
     ptx = compiled.asm["ptx"]
 
-    def number(pattern: str) -> int:
-        found = re.search(pattern, text)
-        if found is None:
+    def number(pattern: str, combine=sum) -> int:
+        # over every function ptxas reports (the kernel and any function it calls)
+        found = re.findall(pattern, text)
+        if not found:
             raise RuntimeError(f"ptxas -v output of {kernel} lacks {pattern!r}:\n{text}")
-        return int(found.group(1))
+        return combine(int(v) for v in found)
 
     instructions = re.findall(
         r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?(\S+)", sass, re.MULTILINE
@@ -150,7 +155,7 @@ def compile_one(
         target=re.search(r"^\.target (\S+)", ptx, re.MULTILINE).group(1),
         wgmma=ptx.count("wgmma.mma_async"),
         mma_sync=ptx.count("mma.sync"),
-        registers=number(r"Used (\d+) registers"),
+        registers=number(r"Used (\d+) registers", max),
         spill_stores=number(r"(\d+) bytes spill stores"),
         spill_loads=number(r"(\d+) bytes spill loads"),
         shared=int(compiled.metadata.shared),
@@ -158,6 +163,8 @@ def compile_one(
         sass=len(instructions),
         sass_mma=sum(1 for op in instructions if re.match(r"(HGMMA|HMMA|IMMA|QGMMA|DMMA)", op)),
         tma_loads=sum(1 for op in instructions if op.startswith("UTMALDG")),
+        local_memory=sum(1 for op in instructions if re.match(r"(LDL|STL)\b", op)),
+        wgmma_serialized="wgmma.mma_async instructions are serialized" in text,
     )
 
 
@@ -244,6 +251,7 @@ def _fused_jobs() -> list[tuple]:
                             constexprs[desc] = None
                     constexprs["TMA"] = "a_desc" in types
                     constexprs["B_ROWS_ARE_N"] = pass_name == "forward"
+                    constexprs["PERSISTENT"] = pass_name != "g_only"  # as _launch: N > 0
                     jobs.append(
                         ("subspace_linear:_fused_kernel", types, values, constexprs,
                          c.num_warps, c.num_stages, arch, pass_name)

@@ -1,10 +1,11 @@
 """Block sizes of the fused subspace-linear kernels, and whether they run interpreted.
 
-The fused kernel (kernels/subspace_linear.py) runs two kinds of programs with the same BLOCK_M / BLOCK_R:
-side programs (BLOCK_M x K_PAD tiles of z = x V or g = dy U) and output programs (BLOCK_M x BLOCK_N tiles
-of y or dx). Every GPU config that configs_for keeps is compiled for sm_80 and sm_90a with Triton 3.7 and
-ptxas in CI (tests/kernels/test_static.py, no GPU needed): at K_PAD = 64 all are software-pipelined
-(cp.async, wgmma on sm_90a) without register spills;
+The fused kernel (kernels/subspace_linear.py) works two kinds of tickets with the same BLOCK_M / BLOCK_R:
+side tickets (BLOCK_M x K_PAD tiles of z = x V or g = dy U) and output tickets (BLOCK_M x BLOCK_N tiles
+of y or dx), on a persistent grid of PROGRAMS_PER_SM programs per SM. Every GPU config that configs_for
+keeps is compiled for sm_80 and sm_90a with Triton 3.7 and ptxas in CI (tests/kernels/test_static.py, no
+GPU needed): at K_PAD = 64 all are software-pipelined (cp.async, TMA and wgmma on sm_90a) without
+register spills;
 128 x 256 x 64 with 3 stages takes 144 KiB of shared memory on sm_90 and 96 KiB on sm_80. Where a config
 does not fit a device (fp16 at K_PAD = 128 and 128 x 256 needs 192 KiB on sm_80, over an A100's 164 KiB)
 it fails to launch and the autotuner skips it; the last config fits everywhere.
@@ -46,8 +47,13 @@ def set_tma_blocks(nargs: dict) -> None:
     nargs["c_desc"].block_shape = [block_r, nargs["K_PAD"]]
 
 
-def _config(block_m: int, block_n: int, block_r: int, group_m: int, warps: int, stages: int):
+def _config(
+    block_m: int, block_n: int, block_r: int, group_m: int, warps: int, stages: int, per_sm: int
+):  # fmt: skip
+    """per_sm: programs per SM of the persistent grid, as many as fit on one SM at once on sm_90a
+    and sm_80 by the compiles' registers and shared memory (tests/kernels/test_static.py checks)."""
     meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_R": block_r, "GROUP_M": group_m}
+    meta["PROGRAMS_PER_SM"] = per_sm
     return triton.Config(meta, num_warps=warps, num_stages=stages, pre_hook=set_tma_blocks)
 
 
@@ -55,22 +61,25 @@ if INTERPRET:
     # One config: the interpreter would otherwise benchmark every config. Blocks of 32 keep the test
     # shapes (T=37, d_in=100, d_out=72) ragged in every dimension, and GROUP_M=2 makes a 3-row-block
     # problem span two program groups, the last one partial.
-    TENSOR_CORE_CONFIGS = FP32_CONFIGS = [_config(32, 32, 32, group_m=2, warps=4, stages=1)]
+    TENSOR_CORE_CONFIGS = FP32_CONFIGS = [
+        _config(32, 32, 32, group_m=2, warps=4, stages=1, per_sm=1)
+    ]
 else:
     TENSOR_CORE_CONFIGS = [  # bf16 / fp16
         # Large tiles for T = frames x 1369 tokens and d >= 1024 (the VGGT layers): 128 x 256 halves the
         # re-reads of x per output column against 128 x 128; 8 warps hold the 128 x 256 fp32 accumulator.
-        _config(128, 256, 64, group_m=8, warps=8, stages=3),
-        _config(128, 128, 64, group_m=8, warps=8, stages=4),
+        _config(128, 256, 64, group_m=8, warps=8, stages=3, per_sm=1),
+        _config(128, 128, 64, group_m=8, warps=8, stages=4, per_sm=1),
         # More programs for short T (a single frame) and narrow layers, so every SM gets work.
         # 8 warps: with 4, the backward's bf16 specialisation (fp32 g rounded for the adapter term)
         # spills 76 B per thread on sm_80 at 255 registers; 8 take 150 (ptxas, Triton 3.7.1).
-        _config(64, 128, 64, group_m=8, warps=8, stages=4),
-        _config(64, 64, 32, group_m=8, warps=4, stages=3),
+        _config(64, 128, 64, group_m=8, warps=8, stages=4, per_sm=1),
+        # 2 per SM: 196 registers on sm_80 leave room for 10 warps (sm_90a: 168, 3 programs)
+        _config(64, 64, 32, group_m=8, warps=4, stages=3, per_sm=2),
     ]
     # fp32 multiplies on the FMA units ("ieee"): beyond 64 x 64 the accumulator spills, and with 4
     # warps even 64 x 64 spills 96-128 B per thread (ptxas, sm_80 / sm_90a); 8 warps fit in 128.
-    FP32_CONFIGS = [_config(64, 64, 32, group_m=8, warps=8, stages=3)]
+    FP32_CONFIGS = [_config(64, 64, 32, group_m=8, warps=8, stages=3, per_sm=1)]
 CONFIGS = TENSOR_CORE_CONFIGS + [c for c in FP32_CONFIGS if c not in TENSOR_CORE_CONFIGS]
 
 

@@ -9,28 +9,37 @@ input dtype, g in fp32) and read back from there by the epilogue: in fp16 / bf16
 rounded once (what the backward saves anyway), and its operands have at most 10 mantissa bits on tensor
 cores in any case (ADAPTER_PRECISIONS).
 
-One launch runs two kinds of programs over a 1-D grid:
-- a side program per row block computes side = A C over the whole R loop, stores it and sets the row
+One launch does two kinds of work, split into tickets:
+- a side ticket per row block computes side = A C over the whole R loop, stores it and sets the row
   block's ready flag;
-- an output program per (row block, column tile) computes A B over the R loop, waits for its row block's
-  flag, then adds side E^T (and the bias) to its fp32 accumulator and rounds once.
+- an output ticket per (row block, column tile) computes A B over the R loop, waits for its row
+  block's flag, then adds side E^T (and the bias) to its fp32 accumulator and rounds once.
+(With P / Q formed in the launch, factor tickets come first: E = s F M' column tile by column tile.)
 Why: every output tile needs the complete side rows (a reduction over all of R) before its epilogue.
-Recomputing them in every output program repeats K_PAD / BLOCK_N of the main work (25-50%). One program
+Recomputing them in every output tile repeats K_PAD / BLOCK_N of the main work (25-50%). One program
 per row block sweeping every column tile repeats nothing but leaves T / BLOCK_M programs (86 at
 T = 8 x 1369 and BLOCK_M = 128, fewer than the 132 SMs of an H100) and re-reads each program's x rows
 from L2 at every tile (1 MiB per row block at d_in = 4096: more than L2 holds for 132 programs). With the
 flags the launch is an ordinary grouped GEMM over the virtual weight [C^T; B^T] of K_PAD + N columns:
 no repeated work, full occupancy, and a group's x rows come from HBM once and from L2 afterwards.
-Deadlock freedom: a program's role comes from a ticket it takes from an atomic counter when it starts,
-not from its program id (CUDA does not promise to start blocks in id order). A group's side programs
-have lower tickets than its output programs, so an output program waits only on a program that took
-its ticket earlier, that is, one already running; it waits after its own main loop. A side program does
-K_PAD / BLOCK_N (at most half) of an output program's work, so the wait is usually over.
+The grid is persistent: min(SMs x PROGRAMS_PER_SM, tickets) programs (PROGRAMS_PER_SM per config in
+_config: as many as fit on one SM on both sm_80 and sm_90a), each taking tickets from an atomic
+counter and working them one after another until they run out: a launch starts one wave of programs,
+not one block per tile (1130 tickets in the forward at T = 8 x 1369, 1024 -> 3072 with 128 x 256
+tiles). The g-only backward (no output columns, at most T / BLOCK_M tickets) runs one program per
+ticket.
+Deadlock freedom: a ticket's role comes from its number, not from a program id (CUDA does not promise
+to start blocks in id order). A group's side tickets are lower than its output tickets, so output work
+waits only on work whose ticket was taken earlier, by a program that is running; that program never
+waits on a later ticket, because it takes its next ticket only after finishing the current one. The
+wait comes after the output tile's own main loop, and a side ticket is K_PAD / BLOCK_N (at most half)
+of an output ticket's work, so the wait is usually over. The full argument is beside _fused_kernel.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -48,6 +57,11 @@ from ._config import (
     TMA_MODE,
     prune_configs,
 )
+
+if INTERPRET and not hasattr(tl.condition, "__bool__"):
+    # Triton's interpreter (3.6, 3.7) runs `while tl.condition(c, ...)` as plain Python, where the
+    # wrapper object is always true: the persistent loop would never end. Its truth is c's.
+    tl.condition.__bool__ = lambda self: bool(self.condition)
 
 MAX_RANK = 128
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -250,17 +264,26 @@ def _output_program(
     )
 
 
-@triton.autotune(
-    configs=CONFIGS,
-    key=AUTOTUNE_KEY,
-    prune_configs_by={"early_config_prune": prune_configs},
-    reset_to_zero=["sched_ptr"],  # a timing run cut short would leave tickets taken
-)
+_INTERPRETED = tl.constexpr(INTERPRET)
+
+
 @triton.jit
-def _fused_kernel(
-    a_ptr, b_ptr, c_ptr, e_ptr, f_ptr, m_ptr, bias_ptr, out_ptr, side_ptr, zs_ptr, part_ptr,
-    dm_ptr, sched_ptr, a_desc, b_desc, c_desc,
-    T, R, N, K, T_BUCKET, scale,
+def _fence_proxy_async(x):
+    """fence.proxy.async.shared::cta in every thread. The next ticket's TMA copies (async proxy)
+    may land in shared memory that this ticket's epilogue wrote or read with ordinary instructions
+    (generic proxy); a barrier alone does not order the two proxies, each accessing thread's fence
+    before the barrier does (the next ticket's atomic broadcasts through shared memory behind one)."""
+    tl.inline_asm_elementwise(
+        "fence.proxy.async.shared::cta;\nmov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32,
+        is_pure=False, pack=1,
+    )  # fmt: skip
+
+
+@triton.jit
+def _run_ticket(
+    ticket, a_ptr, b_ptr, c_ptr, e_ptr, f_ptr, m_ptr, bias_ptr, out_ptr, side_ptr, zs_ptr,
+    part_ptr, dm_ptr, sched_ptr, a_desc, b_desc, c_desc,
+    T, R, N, K, scale, n_row_blocks, n_col_tiles, n_factor,
     stride_at, stride_ar, stride_br, stride_bn, stride_cr, stride_ck, stride_en, stride_ek,
     stride_fn, stride_fk, stride_mk, stride_mj, stride_bias,
     K_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FACTOR: tl.constexpr, GRAD_M: tl.constexpr,
@@ -268,37 +291,17 @@ def _fused_kernel(
     TMA: tl.constexpr, B_ROWS_ARE_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    # TMA: the main loops load A, B and C through tensor descriptors (a_desc, b_desc, c_desc; their
-    # tiles set per config by _config.set_tma_blocks); else through pointers (cp.async on sm_80).
-    # Side tiles (z, g) are stored and read back with ordinary stores and loads, never by TMA, so no
-    # proxy fence is needed between the two kinds of programs: acquire / release on the flags orders
-    # them as before.
-    # sched_ptr: [0] the ticket counter, [1] programs finished, [2] row blocks whose dM part is
-    # written, then a ready flag per row block, then (FACTOR) one per column tile. Zero at launch.
-    #
-    # Roles come from tickets, not program ids (CUDA does not promise to start blocks in id order).
-    # With FACTOR the first cdiv(N, BLOCK_N) tickets compute E = P (Q) column tile by column tile.
-    # The rest run group by group; a group is up to GROUP_M row blocks: first their side programs,
-    # then their output tiles column by column, so consecutive programs share a tile of B in L2 and
-    # a group's rows of A stay in L2 across its columns.
-    # Deadlock freedom: a program waits only on flags set by programs with lower tickets (an output
-    # tile on its group's side programs and on the factor programs, the last side program of a
-    # backward's dM on nothing: it only sums what was released before its increment). A program
-    # holding a lower ticket took it earlier, so it is running or done: it has an SM and finishes
-    # without waiting on anyone later. Every wait comes after the waiting program's own main loop.
-    pid = tl.atomic_add(sched_ptr, 1)
-    n_row_blocks = tl.cdiv(T, BLOCK_M)
-    n_col_tiles = tl.cdiv(N, BLOCK_N)
+    """The work of one ticket (0 <= ticket < the launch's ticket count): its role and tile follow
+    from the ticket alone (see _fused_kernel)."""
     flags_ptr = sched_ptr + 3
     col_flags_ptr = flags_ptr + n_row_blocks
-    n_factor = n_col_tiles if FACTOR else 0
-    if pid < n_factor:
+    if ticket < n_factor:
         _factor_program(
-            f_ptr, m_ptr, e_ptr, col_flags_ptr, pid, N, K, scale,
+            f_ptr, m_ptr, e_ptr, col_flags_ptr, ticket, N, K, scale,
             stride_fn, stride_fk, stride_mk, stride_mj, K_PAD, BLOCK_N,
         )  # fmt: skip
     else:
-        work = pid - n_factor
+        work = ticket - n_factor
         group_size = GROUP_M * (1 + n_col_tiles)
         group = work // group_size
         first_row_block = group * GROUP_M
@@ -321,12 +324,96 @@ def _fused_kernel(
                 K_PAD, HAS_BIAS, FACTOR, PRECISION, ADAPTER_PRECISION, TMA, B_ROWS_ARE_N,
                 BLOCK_M, BLOCK_N, BLOCK_R,
             )  # fmt: skip
+
+
+@triton.autotune(
+    configs=CONFIGS,
+    key=AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": prune_configs},
+    reset_to_zero=["sched_ptr"],  # a timing run cut short would leave tickets taken
+)
+@triton.jit
+def _fused_kernel(
+    a_ptr, b_ptr, c_ptr, e_ptr, f_ptr, m_ptr, bias_ptr, out_ptr, side_ptr, zs_ptr, part_ptr,
+    dm_ptr, sched_ptr, a_desc, b_desc, c_desc,
+    T, R, N, K, T_BUCKET, scale,
+    stride_at, stride_ar, stride_br, stride_bn, stride_cr, stride_ck, stride_en, stride_ek,
+    stride_fn, stride_fk, stride_mk, stride_mj, stride_bias,
+    K_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FACTOR: tl.constexpr, GRAD_M: tl.constexpr,
+    PRECISION: tl.constexpr, ADAPTER_PRECISION: tl.constexpr,
+    TMA: tl.constexpr, B_ROWS_ARE_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+    PROGRAMS_PER_SM: tl.constexpr, PERSISTENT: tl.constexpr,
+):  # fmt: skip
+    # TMA: the main loops load A, B and C through tensor descriptors (a_desc, b_desc, c_desc; their
+    # tiles set per config by _config.set_tma_blocks); else through pointers (cp.async on sm_80).
+    # Side tiles (z, g) are stored and read back with ordinary stores and loads, never by TMA, so no
+    # proxy fence is needed between the two kinds of programs: acquire / release on the flags orders
+    # them as before.
+    # sched_ptr: [0] the ticket counter, [1] programs finished, [2] row blocks whose dM part is
+    # written, then a ready flag per row block, then (FACTOR) one per column tile. Zero at launch.
+    #
+    # Roles come from tickets, not program ids (CUDA does not promise to start blocks in id order).
+    # With FACTOR the first cdiv(N, BLOCK_N) tickets compute E = P (Q) column tile by column tile.
+    # The rest run group by group; a group is up to GROUP_M row blocks: first their side programs,
+    # then their output tiles column by column, so consecutive programs share a tile of B in L2 and
+    # a group's rows of A stay in L2 across its columns.
+    # PROGRAMS_PER_SM > 0 (persistent grid): the launch has min(SMs x PROGRAMS_PER_SM, tickets)
+    # programs and each loops: take a ticket, do its work, take the next, until the tickets run
+    # out. PROGRAMS_PER_SM == 0: one program per ticket, each doing one.
+    # Deadlock freedom: a program waits only on flags set by the work of lower tickets (an output
+    # tile on its group's side programs and on the factor programs, the last side program of a
+    # backward's dM on nothing: it only sums what was released before its increment), and only
+    # after its own main loop. A program holds one ticket at a time and takes the next only after
+    # finishing the current one, so it never waits while holding an unfinished lower ticket. A
+    # lower ticket was taken earlier, by a program that is therefore running (it has an SM: a
+    # program takes tickets only while it runs, and one that is still to start holds none) and
+    # that is busy with that very ticket or done with it. So the lowest unfinished ticket never
+    # waits on an unfinished one: it completes, and by induction every ticket does. This holds
+    # whether or not all programs of the grid are resident at once.
+    n_row_blocks = tl.cdiv(T, BLOCK_M)
+    n_col_tiles = tl.cdiv(N, BLOCK_N)
+    n_factor = n_col_tiles if FACTOR else 0
+    n_tickets = n_factor + n_row_blocks * (1 + n_col_tiles)
+    ticket = tl.atomic_add(sched_ptr, 1)
+    if PERSISTENT:
+        # disable_licm: otherwise LLVM hoists every role's per-thread index arithmetic (the tiles'
+        # offsets and masks) out of the ticket loop, where it stays live across the main loops:
+        # 12-292 B of spills per thread at 128 x 256 on sm_90a and up to 260 B on sm_80 (ptxas,
+        # Triton 3.7.1). A noinline _run_ticket avoids them too, but ptxas then serialises every
+        # wgmma ("wgmma pipeline crossing function boundary", C7510); tests/kernels/test_static.py
+        # checks for both.
+        while tl.condition(ticket < n_tickets, disable_licm=True):
+            _run_ticket(
+                ticket, a_ptr, b_ptr, c_ptr, e_ptr, f_ptr, m_ptr, bias_ptr, out_ptr, side_ptr,
+                zs_ptr, part_ptr, dm_ptr, sched_ptr, a_desc, b_desc, c_desc,
+                T, R, N, K, scale, n_row_blocks, n_col_tiles, n_factor,
+                stride_at, stride_ar, stride_br, stride_bn, stride_cr, stride_ck, stride_en,
+                stride_ek, stride_fn, stride_fk, stride_mk, stride_mj, stride_bias,
+                K_PAD, HAS_BIAS, FACTOR, GRAD_M, PRECISION, ADAPTER_PRECISION, TMA,
+                B_ROWS_ARE_N, BLOCK_M, BLOCK_N, BLOCK_R, GROUP_M,
+            )  # fmt: skip
+            if TMA and not _INTERPRETED:
+                _fence_proxy_async(ticket)
+            ticket = tl.atomic_add(sched_ptr, 1)
+    else:  # the grid has one program per ticket: every ticket taken is in range
+        _run_ticket(
+            ticket, a_ptr, b_ptr, c_ptr, e_ptr, f_ptr, m_ptr, bias_ptr, out_ptr, side_ptr,
+            zs_ptr, part_ptr, dm_ptr, sched_ptr, a_desc, b_desc, c_desc,
+            T, R, N, K, scale, n_row_blocks, n_col_tiles, n_factor,
+            stride_at, stride_ar, stride_br, stride_bn, stride_cr, stride_ck, stride_en,
+            stride_ek, stride_fn, stride_fk, stride_mk, stride_mj, stride_bias,
+            K_PAD, HAS_BIAS, FACTOR, GRAD_M, PRECISION, ADAPTER_PRECISION, TMA,
+            B_ROWS_ARE_N, BLOCK_M, BLOCK_N, BLOCK_R, GROUP_M,
+        )  # fmt: skip
     # The program that finishes last puts the schedule back to zero for the next launch, so no
-    # launch needs a memset first (and a captured CUDA graph replays correctly): every other program
-    # has taken its ticket and passed its waits before its own increment here.
+    # launch needs a memset first (and a captured CUDA graph replays correctly). Each program
+    # increments the finished count once, after taking its last ticket (with a persistent grid the
+    # one past the end, which ends its loop) and passing its last wait: when the count reaches the
+    # grid's size no program will touch the counter or a flag again.
     tl.debug_barrier()
-    n_programs = n_factor + n_row_blocks * (1 + n_col_tiles)
-    if tl.atomic_add(sched_ptr + 1, 1, sem="acq_rel") == n_programs - 1:
+    if tl.atomic_add(sched_ptr + 1, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+        flags_ptr = sched_ptr + 3
         n_flags = n_row_blocks + n_factor
         for i in range(0, n_flags, 1024):
             offs = i + tl.arange(0, 1024)
@@ -355,6 +442,22 @@ def _schedule(device: torch.device, n: int) -> Tensor:
     return buf
 
 
+# Under the interpreter the persistent grid is sized for a pretend device of this many SMs: small,
+# so that the tests' shapes have more tickets than programs and each program loops.
+INTERPRETER_SMS = 2
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRETER_SMS
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _launch(
     a: Tensor, b: Tensor, c: Tensor, e: Tensor, bias: Tensor | None,
     out: Tensor, side: Tensor, adapter_precision: str,
@@ -377,9 +480,15 @@ def _launch(
     if grad_m is not None:
         part = torch.empty(triton.cdiv(T, MIN_BLOCK_M), k_pad, k_pad, device=a.device)
 
+    sms = _sm_count(a.device)
+
     def grid(meta):
-        n_factor = triton.cdiv(N, meta["BLOCK_N"]) if factor is not None else 0
-        return (n_factor + triton.cdiv(T, meta["BLOCK_M"]) * (1 + triton.cdiv(N, meta["BLOCK_N"])),)
+        n_col_tiles = triton.cdiv(N, meta["BLOCK_N"])
+        n_factor = n_col_tiles if factor is not None else 0
+        n_tickets = n_factor + triton.cdiv(T, meta["BLOCK_M"]) * (1 + n_col_tiles)
+        if not meta["PERSISTENT"]:
+            return (n_tickets,)
+        return (min(n_tickets, sms * meta["PROGRAMS_PER_SM"]),)
 
     descs = _descriptors(a, b, c, N, k_pad)
     device = torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext()
@@ -396,6 +505,7 @@ def _launch(
             PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
             ADAPTER_PRECISION=adapter_precision,
             TMA=descs is not None, B_ROWS_ARE_N=b.stride(0) == 1 and b.stride(1) != 1,
+            PERSISTENT=N > 0,
         )  # fmt: skip
 
 

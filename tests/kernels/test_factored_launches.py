@@ -127,3 +127,62 @@ def test_whole_layer_custom_ops_pass_opcheck():
             triton_backend._backward_factored_op,
             (dy, t["weight"], t["U"], t["V"], M, z, 1.5, need_dx),
         )
+
+
+@pytest.mark.skipif(CUDA, reason="programs and tickets are counted under the interpreter")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_persistent_grid_has_fewer_programs_than_tickets_and_stays_exact(monkeypatch, dtype):
+    """The launch has min(SMs x PROGRAMS_PER_SM, tickets) programs, each taking tickets until they
+    run out: on a pretend device of 2 SMs a problem of 15 (forward) and 11 (backward) tickets runs
+    2 programs, every ticket is worked exactly once, the results match float64 and the schedule is
+    left at zero. The g-only backward (no output columns) keeps one program per ticket."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    monkeypatch.setattr(kernels, "INTERPRETER_SMS", 2)
+    grids, worked = [], []  # worked: (launch, program id, ticket) of every ticket's work
+    set_grid_dim, call = builder.set_grid_dim, interpreter.InterpretedFunction.__call__
+
+    def record_grid(*grid):
+        grids.append(grid)
+        return set_grid_dim(*grid)
+
+    def record_ticket(self, *args, **kwargs):
+        if self.fn.__name__ == "_run_ticket":
+            worked.append((len(grids), builder.grid_idx[0], int(args[0].handle.data.item())))
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(builder, "set_grid_dim", record_grid)
+    monkeypatch.setattr(interpreter.InterpretedFunction, "__call__", record_ticket)
+    T, d_in, d_out, K = 70, 48, 96, 8  # 32 x 32 blocks: 3 row blocks, 3 / 2 column tiles
+    t = layer_inputs(T, d_in, d_out, K, dtype=dtype, device=DEVICE, seed=21)
+    M, s = t["M"].float(), 0.9
+    y, z = kernels.subspace_linear_forward_factored(
+        t["x"], t["weight"], t["bias"], t["U"], t["V"], M, s,
+        out=torch.full((T, d_out), float("nan"), dtype=dtype, device=DEVICE),
+    )  # fmt: skip
+    dy = torch.randn(T, d_out, generator=torch.Generator().manual_seed(2)).to(DEVICE, dtype)
+    dx, g, dm = kernels.subspace_linear_backward_factored(dy, t["weight"], t["U"], t["V"], M, z, s)
+    _, g_only, _ = kernels.subspace_linear_backward_factored(
+        dy, t["weight"], t["U"], t["V"], M, z, s, need_dx=False
+    )
+    assert grids == [(2, 1, 1), (2, 1, 1), (3, 1, 1)]
+    # forward: 3 factor + 3 row blocks x (1 side + 3 output) tickets; backward: 2 + 3 x (1 + 2);
+    # g-only: 3 side programs, one ticket each
+    for launch, n_tickets in ((1, 15), (2, 11)):
+        tickets = sorted(tk for n, _, tk in worked if n == launch)
+        assert tickets == list(range(n_tickets)), (launch, tickets)
+        programs = {p for n, p, _ in worked if n == launch}
+        assert programs <= {0, 1} and len(tickets) > len(programs)  # programs loop
+    assert sorted((p, tk) for n, p, tk in worked if n == 3) == [(0, 0), (1, 1), (2, 2)]
+    x64, w64, b64, U64, V64 = (t[n].double() for n in ("x", "weight", "bias", "U", "V"))
+    y64, z64 = reference.forward(x64, w64, b64, V64, s * U64 @ M.double())
+    dx64, g64 = reference.backward(dy.double(), w64, U64, s * V64 @ M.double().t(), True)
+    assert_close(y, y64, dtype, "y")
+    assert_close(z, z64, dtype, "z")
+    assert_close(dx, dx64, dtype, "dx")
+    assert_close(g, g64, torch.float32, "g")
+    assert_close(g_only, g64, torch.float32, "g (g-only)")
+    dm_dtype = torch.float32 if dtype == torch.float32 else dtype
+    assert_close(dm, s * g64.t() @ z.double(), dm_dtype, "dM")
+    assert all(int(b.abs().sum()) == 0 for b in kernels._SCHEDULES.values())

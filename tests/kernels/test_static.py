@@ -7,6 +7,7 @@ limit) can."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -85,14 +86,47 @@ def test_hopper_main_loops_load_through_tensor_descriptors(triton_figures):
 
 
 def test_no_register_spills_and_shared_memory_fits(triton_figures):
-    spilling = [f for f in triton_figures if f["spill_stores"] or f["spill_loads"]]
+    spilling = [
+        f for f in triton_figures if f["spill_stores"] or f["spill_loads"] or f["local_memory"]
+    ]
     assert not spilling, "\n".join(
         f"{f['kernel']} sm_{f['arch']} {f['config']}: {f['spill_stores']} B spill stores, "
-        f"{f['registers']} registers"
+        f"{f['local_memory']} LDL / STL, {f['registers']} registers"
         for f in spilling
     )
     for f in triton_figures:
         assert 0 < f["shared"] <= f["shared_limit"], f
+        assert not f["wgmma_serialized"], f  # ptxas C7510: each wgmma waited for before the next
+
+
+# What one SM holds (the CUDA occupancy calculator's rules for sm_80 and sm_90): 64K registers,
+# allocated per warp in units of 256, that is per thread in units of 8; 64 warps; shared memory of
+# 228 KiB (sm_90) or 164 KiB (sm_80), of which each resident program takes 1 KiB more than it asks.
+SM_REGISTERS, SM_WARPS = 65536, 64
+SM_SHARED = {90: 228 * 1024, 80: 164 * 1024}
+
+
+def resident_programs(f: dict, warps: int) -> int:
+    """How many programs of this compile fit on one SM at once."""
+    per_warp = math.ceil(f["registers"] / 8) * 8 * 32
+    by_registers = SM_REGISTERS // per_warp // warps
+    by_shared = SM_SHARED[f["arch"]] // (f["shared"] + 1024)
+    return min(by_registers, by_shared, SM_WARPS // warps)
+
+
+def test_persistent_grid_programs_fit_on_an_sm_at_once(triton_figures):
+    # The persistent grid launches SMs x PROGRAMS_PER_SM programs (kernels/subspace_linear._launch):
+    # every compile of a config, forward and backward, on both targets, must hold that many on one
+    # SM, so that the grid is one wave on an idle GPU (the ticket order keeps it deadlock-free
+    # even when it is not).
+    fused = [f for f in triton_figures if f["kernel"].endswith("_fused_kernel")]
+    persistent = [f for f in fused if "PERSISTENT=True" in f["config"]]
+    assert {f["config"].split()[0] for f in persistent} == {"forward", "backward"}
+    assert all("PERSISTENT=False" in f["config"] for f in fused if f not in persistent)
+    for f in persistent:
+        per_sm = int(re.search(r"PROGRAMS_PER_SM=(\d+)", f["config"]).group(1))
+        warps = int(re.search(r"\bwarps=(\d+)", f["config"]).group(1))
+        assert 1 <= per_sm <= resident_programs(f, warps), (f, resident_programs(f, warps))
 
 
 # The kernels a training step runs (tensor-core forward and backward); the fp32 SIMT ones too.
