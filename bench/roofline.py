@@ -25,6 +25,10 @@ LAUNCH_US = (
     3.0  # a launch's fixed cost on the stream (driver + ramp-up + tail), stated, not measured
 )
 MMA_SYNC = 0.625  # mma.sync reaches about 60-65% of wgmma's rate on Hopper
+# Exact fp32 products (P, Q and the dM parts in both kernel backends) run on the FMA units: the
+# H100 SXM's 67 TFLOP/s of fp32 against the 800 TFLOP/s matrix ceiling, so each such FLOP is charged
+# as 12 matrix FLOPs (a stated ratio, not measured).
+FMA_COST = 12.0
 BF16, FP32 = 2, 4
 
 
@@ -59,10 +63,10 @@ def triton(d_in: int, d_out: int, T: int = TOKENS, K: int = RANK) -> list[Launch
     (d_out + K columns) and adds z P^T as K more inner steps, P formed by its first programs; the
     backward likewise with [W^T ; U], g Q^T and dM = s g^T z (z read, g written in fp32)."""
     fwd = gemm("y,z,P", T, d_in, d_out + K)
-    fwd.flops += 2.0 * T * K * d_out + 2.0 * d_out * K * K
+    fwd.flops += 2.0 * T * K * d_out + FMA_COST * 2.0 * d_out * K * K
     fwd.bytes += T * K * BF16 + d_out * K * (BF16 + FP32)  # z out, U in, P scratch
     bwd = gemm("dx,g,Q,dM", T, d_out, d_in + K)
-    bwd.flops += 2.0 * T * K * d_in + 2.0 * T * K * K + 2.0 * d_in * K * K
+    bwd.flops += 2.0 * T * K * d_in + FMA_COST * 2.0 * (T * K * K + d_in * K * K)
     bwd.bytes += T * K * (FP32 + BF16) + d_in * K * (BF16 + FP32)  # g out, z in, V in, Q scratch
     return [fwd, bwd]
 
@@ -88,10 +92,10 @@ def cuda(d_in: int, d_out: int, T: int = TOKENS, K: int = RANK) -> list[Launch]:
     backward (tests/backends/test_launch_counts.py). Bytes as triton(), plus z32 (the forward's fp32
     z, written and read back) and the dM parts (a K x K fp32 slot per row block of 128 rows)."""
     fwd = gemm("y,z,P kernel", T, d_in, d_out + K, eff=MMA_SYNC)
-    fwd.flops += 2.0 * T * K * d_out + 2.0 * d_out * K * K
+    fwd.flops += 2.0 * T * K * d_out + FMA_COST * 2.0 * d_out * K * K * MMA_SYNC
     fwd.bytes += T * K * (BF16 + 2 * FP32) + d_out * K * (BF16 + FP32)  # z, z32, U in, P scratch
     bwd = gemm("dx,g,Q,dM kernel", T, d_out, d_in + K, eff=MMA_SYNC)
-    bwd.flops += 2.0 * T * K * d_in + 2.0 * T * K * K + 2.0 * d_in * K * K
+    bwd.flops += 2.0 * T * K * d_in + FMA_COST * 2.0 * (T * K * K + d_in * K * K) * MMA_SYNC
     parts = -(-T // 128) * K * K * FP32 * 2  # written, then read by the last tile
     bwd.bytes += T * K * (FP32 + BF16) + d_in * K * (BF16 + FP32) + parts
     return [fwd, bwd]

@@ -243,6 +243,8 @@ def _fused_jobs() -> list[tuple]:
                         "GRAD_M": grad_m,
                         "PRECISION": precision,
                         "ADAPTER_PRECISION": adapter,
+                        # as subspace_linear._dm_precision: exact products with wgmma and in fp32
+                        "DM_PRECISION": "ieee" if arch >= 90 else precision,
                         **c.kwargs,
                     }
                     types = {**pointers, **_tma_types(name, arch, pass_name, constexprs)}

@@ -124,8 +124,8 @@ def _side_program(
     a_ptr, c_ptr, a_desc, c_desc, side_ptr, zs_ptr, part_ptr, dm_ptr, sched_ptr, ready_ptr,
     row_block, T, R, K, n_row_blocks, scale,
     stride_at, stride_ar, stride_cr, stride_ck,
-    K_PAD: tl.constexpr, GRAD_M: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+    K_PAD: tl.constexpr, GRAD_M: tl.constexpr, PRECISION: tl.constexpr,
+    DM_PRECISION: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     rows = row_block.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, K_PAD)
@@ -147,8 +147,8 @@ def _side_program(
     )
     if GRAD_M:
         _grad_m_part(
-            side, zs_ptr, part_ptr, dm_ptr, sched_ptr, rows, row_block, mask, K, n_row_blocks,
-            scale, K_PAD, PRECISION,
+            side_ptr, zs_ptr, part_ptr, dm_ptr, sched_ptr, row_block, T, K, n_row_blocks, scale,
+            K_PAD, BLOCK_M, DM_PRECISION,
         )  # fmt: skip
     # Every thread's stores must be done before the one thread that sets the flag releases them.
     tl.debug_barrier()
@@ -157,17 +157,32 @@ def _side_program(
 
 @triton.jit
 def _grad_m_part(
-    g, zs_ptr, part_ptr, dm_ptr, sched_ptr, rows, row_block, mask, K, n_row_blocks, scale,
-    K_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    side_ptr, zs_ptr, part_ptr, dm_ptr, sched_ptr, row_block, T, K, n_row_blocks, scale,
+    K_PAD: tl.constexpr, BLOCK_M: tl.constexpr, DM_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """dM = s g^T z inside the backward: this row block's g^T z (g still fp32 in registers) goes to
-    its slot of part_ptr; the row block that finishes last sums every slot in row-block order (the
-    same order whoever is last, so the result is deterministic) and writes dM. sched_ptr[2] counts
-    finished row blocks; acq_rel makes the slots stored before each increment visible to the last."""
+    """dM = s g^T z inside the backward: this row block's g^T z goes to its slot of part_ptr; the row
+    block that finishes last sums every slot in row-block order (the same order whoever is last, so
+    the result is deterministic) and writes dM. sched_ptr[2] counts finished row blocks; acq_rel
+    makes the slots stored before each increment visible to the last.
+    g^T z is summed DM_ROWS tokens at a time, g read back (transposed) from side_ptr, this program's
+    own stores, after the barrier. DM_PRECISION (_dm_precision) is "ieee" on sm_90 and in fp32:
+    exact fp32 products on the FMA units, as the torch and CUDA backends' dM, a few registers at a
+    time (the whole tile at once spills); a TF32 MMA here, its accumulator started from zeros
+    outside a pipelined loop, makes Triton 3.6 serialise every wgmma of the kernel (ptxas C7515,
+    bench/RESULTS.md). "tf32" on sm_80, where mma.sync has no such pipeline to lose, as one
+    product over the whole tile (exact products, or TF32 in row chunks, spill its bf16 128 x 128
+    backward)."""
     offs_k = tl.arange(0, K_PAD)
-    z = tl.load(zs_ptr + rows[:, None] * K + offs_k[None, :], mask=mask, other=0.0)
-    g = tl.where(mask, g, 0.0)  # wrapped rows past T must not count twice
-    part = tl.dot(tl.trans(g), z.to(tl.float32), input_precision=PRECISION)
+    k_ok = offs_k < K
+    tl.debug_barrier()  # every thread's g stores of this tile are done
+    DM_ROWS: tl.constexpr = 16 if DM_PRECISION == "ieee" else BLOCK_M
+    part = tl.zeros((K_PAD, K_PAD), dtype=tl.float32)
+    for r0 in range(0, BLOCK_M, DM_ROWS):
+        rows = row_block.to(tl.int64) * BLOCK_M + r0 + tl.arange(0, DM_ROWS)
+        ok = (rows[:, None] < T) & k_ok[None, :]  # rows past T count as zeros
+        g_t = tl.load(side_ptr + offs_k[:, None] + rows[None, :] * K, mask=tl.trans(ok), other=0.0)
+        z = tl.load(zs_ptr + rows[:, None] * K + offs_k[None, :], mask=ok, other=0.0)
+        part = tl.dot(g_t, z.to(tl.float32), part, input_precision=DM_PRECISION)
     square = offs_k[:, None] * K_PAD + offs_k[None, :]
     tl.store(part_ptr + row_block.to(tl.int64) * K_PAD * K_PAD + square, part)
     tl.debug_barrier()
@@ -287,7 +302,7 @@ def _run_ticket(
     stride_at, stride_ar, stride_br, stride_bn, stride_cr, stride_ck, stride_en, stride_ek,
     stride_fn, stride_fk, stride_mk, stride_mj, stride_bias,
     K_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FACTOR: tl.constexpr, GRAD_M: tl.constexpr,
-    PRECISION: tl.constexpr, ADAPTER_PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, ADAPTER_PRECISION: tl.constexpr, DM_PRECISION: tl.constexpr,
     TMA: tl.constexpr, B_ROWS_ARE_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
@@ -312,7 +327,7 @@ def _run_ticket(
                 a_ptr, c_ptr, a_desc, c_desc, side_ptr, zs_ptr, part_ptr, dm_ptr, sched_ptr,
                 flags_ptr, first_row_block + local, T, R, K, n_row_blocks, scale,
                 stride_at, stride_ar, stride_cr, stride_ck,
-                K_PAD, GRAD_M, PRECISION, TMA, BLOCK_M, BLOCK_R,
+                K_PAD, GRAD_M, PRECISION, DM_PRECISION, TMA, BLOCK_M, BLOCK_R,
             )  # fmt: skip
         else:
             tile = local - rows_in_group
@@ -340,7 +355,7 @@ def _fused_kernel(
     stride_at, stride_ar, stride_br, stride_bn, stride_cr, stride_ck, stride_en, stride_ek,
     stride_fn, stride_fk, stride_mk, stride_mj, stride_bias,
     K_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FACTOR: tl.constexpr, GRAD_M: tl.constexpr,
-    PRECISION: tl.constexpr, ADAPTER_PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, ADAPTER_PRECISION: tl.constexpr, DM_PRECISION: tl.constexpr,
     TMA: tl.constexpr, B_ROWS_ARE_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
     PROGRAMS_PER_SM: tl.constexpr, PERSISTENT: tl.constexpr,
@@ -390,7 +405,7 @@ def _fused_kernel(
                 T, R, N, K, scale, n_row_blocks, n_col_tiles, n_factor,
                 stride_at, stride_ar, stride_br, stride_bn, stride_cr, stride_ck, stride_en,
                 stride_ek, stride_fn, stride_fk, stride_mk, stride_mj, stride_bias,
-                K_PAD, HAS_BIAS, FACTOR, GRAD_M, PRECISION, ADAPTER_PRECISION, TMA,
+                K_PAD, HAS_BIAS, FACTOR, GRAD_M, PRECISION, ADAPTER_PRECISION, DM_PRECISION, TMA,
                 B_ROWS_ARE_N, BLOCK_M, BLOCK_N, BLOCK_R, GROUP_M,
             )  # fmt: skip
             if TMA and not _INTERPRETED:
@@ -403,7 +418,7 @@ def _fused_kernel(
             T, R, N, K, scale, n_row_blocks, n_col_tiles, n_factor,
             stride_at, stride_ar, stride_br, stride_bn, stride_cr, stride_ck, stride_en,
             stride_ek, stride_fn, stride_fk, stride_mk, stride_mj, stride_bias,
-            K_PAD, HAS_BIAS, FACTOR, GRAD_M, PRECISION, ADAPTER_PRECISION, TMA,
+            K_PAD, HAS_BIAS, FACTOR, GRAD_M, PRECISION, ADAPTER_PRECISION, DM_PRECISION, TMA,
             B_ROWS_ARE_N, BLOCK_M, BLOCK_N, BLOCK_R, GROUP_M,
         )  # fmt: skip
     # The program that finishes last puts the schedule back to zero for the next launch, so no
@@ -504,9 +519,20 @@ def _launch(
             GRAD_M=grad_m is not None,
             PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
             ADAPTER_PRECISION=adapter_precision,
+            DM_PRECISION=_dm_precision(a),
             TMA=descs is not None, B_ROWS_ARE_N=b.stride(0) == 1 and b.stride(1) != 1,
             PERSISTENT=N > 0,
         )  # fmt: skip
+
+
+def _dm_precision(a: Tensor) -> str:
+    """How the backward multiplies g^T z for dM (_grad_m_part): exact fp32 products in fp32 and where
+    the GPU has wgmma (sm_90), TF32 on sm_80's mma.sync (see _grad_m_part)."""
+    if a.dtype == torch.float32:
+        return "ieee"
+    if a.is_cuda and torch.cuda.get_device_capability(a.device) < (9, 0):
+        return "tf32"
+    return "ieee"
 
 
 def _tma_wanted(a: Tensor) -> bool:

@@ -23,9 +23,15 @@ def _random_shape(seed: int) -> tuple[int, int, int, int]:
     return T, d_in + 8, d_out + 8, min(K, d_in + 8, d_out + 8)  # orthonormal bases: K <= d
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+# dM's two forms (_grad_m_part): exact products over row chunks (sm_90, and fp32 everywhere) and one
+# TF32 product over the whole tile (sm_80 in fp16 / bf16), whichever device runs the test
+DM_CASES = [(d, p) for d in DTYPES for p in ("ieee", "tf32") if d != torch.float32 or p == "ieee"]
+
+
+@pytest.mark.parametrize(("dtype", "dm_precision"), DM_CASES, ids=str)
 @pytest.mark.parametrize("seed", [11, 12])
-def test_factored_forward_and_backward_match_float64(dtype, seed):
+def test_factored_forward_and_backward_match_float64(monkeypatch, dtype, dm_precision, seed):
+    monkeypatch.setattr(kernels, "_dm_precision", lambda a: dm_precision)
     T, d_in, d_out, K = _random_shape(seed + 100 * DTYPES.index(dtype))
     t = layer_inputs(T, d_in, d_out, K, dtype=dtype, device=DEVICE, seed=seed)
     M, s = t["M"].float(), 1.3
