@@ -109,3 +109,15 @@ def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
 MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in CONFIGS)
 # ... and cdiv(N, MIN_BLOCK_N) column flags.
 MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in CONFIGS)
+
+
+# Host-side integer helpers for the launchers. triton.cdiv and triton.next_power_of_2 are constexpr
+# functions in Triton 3.7, whose host-side call unwraps every argument: a few microseconds each, on
+# every launch.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n, for n >= 1."""
+    return 1 << max(n - 1, 0).bit_length()

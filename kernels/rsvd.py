@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._config import INTERPRET
+from ._config import INTERPRET, cdiv, next_power_of_2
 
 DTYPES = (torch.float32, torch.float64)
 # Widest Y that cholesky_qr takes: its program keeps two MAX_COLS^2 float64 tiles (the Gram matrix and
@@ -193,7 +193,7 @@ def _cholesky_qr_kernel(
 
 
 def _pow2_at_least_16(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_power_of_2(n))
 
 
 def _check_batch(name: str, t: Tensor) -> None:
@@ -228,7 +228,7 @@ def batched_matmul(a: Tensor, x: Tensor, transpose_a: bool = False) -> Tensor:
         return out
     block_l = min(_pow2_at_least_16(cols), 64)
     block_m, block_k = (32, 32) if INTERPRET or a.dtype == torch.float64 else (64, 32)
-    grid = (batch, triton.cdiv(m, block_m), triton.cdiv(cols, block_l))
+    grid = (batch, cdiv(m, block_m), cdiv(cols, block_l))
     _bmm_kernel[grid](
         a, x, out, m, k, cols,
         sb, sm, sk,

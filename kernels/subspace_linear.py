@@ -55,6 +55,8 @@ from ._config import (
     MIN_BLOCK_M,
     MIN_BLOCK_N,
     TMA_MODE,
+    cdiv,
+    next_power_of_2,
     prune_configs,
 )
 
@@ -439,7 +441,7 @@ def _fused_kernel(
 
 def _padded_rank(rank: int) -> int:
     """K padded to a power of two >= 16, the smallest operand size of tl.dot."""
-    return max(16, triton.next_power_of_2(rank))
+    return max(16, next_power_of_2(rank))
 
 
 # One schedule buffer per (device, stream), zeroed once: the kernel leaves it at zero when it ends.
@@ -487,20 +489,20 @@ def _launch(
     if T == 0:
         return
     k_pad = _padded_rank(K)
-    n_sched = 3 + triton.cdiv(T, MIN_BLOCK_M) + triton.cdiv(N, MIN_BLOCK_N)
+    n_sched = 3 + cdiv(T, MIN_BLOCK_M) + cdiv(N, MIN_BLOCK_N)
     sched = _schedule(a.device, n_sched)
     f, m, scale = factor if factor is not None else (e, e, 1.0)
     zs, dm = grad_m if grad_m is not None else (side, e)
     part = e
     if grad_m is not None:
-        part = torch.empty(triton.cdiv(T, MIN_BLOCK_M), k_pad, k_pad, device=a.device)
+        part = torch.empty(cdiv(T, MIN_BLOCK_M), k_pad, k_pad, device=a.device)
 
     sms = _sm_count(a.device)
 
     def grid(meta):
-        n_col_tiles = triton.cdiv(N, meta["BLOCK_N"])
+        n_col_tiles = cdiv(N, meta["BLOCK_N"])
         n_factor = n_col_tiles if factor is not None else 0
-        n_tickets = n_factor + triton.cdiv(T, meta["BLOCK_M"]) * (1 + n_col_tiles)
+        n_tickets = n_factor + cdiv(T, meta["BLOCK_M"]) * (1 + n_col_tiles)
         if not meta["PERSISTENT"]:
             return (n_tickets,)
         return (min(n_tickets, sms * meta["PROGRAMS_PER_SM"]),)
@@ -511,7 +513,7 @@ def _launch(
         _fused_kernel[grid](
             a, b, c, e, f, m, bias if bias is not None else e, out, side, zs, part, dm, sched,
             *(descs or (None, None, None)),
-            T, R, N, K, max(16, triton.next_power_of_2(T)), float(scale),
+            T, R, N, K, max(16, next_power_of_2(T)), float(scale),
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
             e.stride(0), e.stride(1), f.stride(0), f.stride(1), m.stride(0), m.stride(1),
             bias.stride(0) if bias is not None else 0,
