@@ -467,12 +467,23 @@ INTERPRETER_SMS = 2
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return INTERPRETER_SMS
-    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _cuda_properties(_device_index(device))[0]
+
+
+def _sm90(a: Tensor) -> bool:
+    """Whether `a` is on a GPU with wgmma and TMA (compute capability 9.x or later)."""
+    return a.is_cuda and _cuda_properties(_device_index(a.device))[1] >= (9, 0)
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 @functools.cache
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _cuda_properties(index: int) -> tuple[int, tuple[int, int]]:
+    """(SMs, compute capability) of CUDA device `index`: asked once, not on every launch."""
+    properties = torch.cuda.get_device_properties(index)
+    return properties.multi_processor_count, (properties.major, properties.minor)
 
 
 def _launch(
@@ -530,17 +541,15 @@ def _launch(
 def _dm_precision(a: Tensor) -> str:
     """How the backward multiplies g^T z for dM (_grad_m_part): exact fp32 products in fp32 and where
     the GPU has wgmma (sm_90), TF32 on sm_80's mma.sync (see _grad_m_part)."""
-    if a.dtype == torch.float32:
+    if a.dtype == torch.float32 or not a.is_cuda or _sm90(a):
         return "ieee"
-    if a.is_cuda and torch.cuda.get_device_capability(a.device) < (9, 0):
-        return "tf32"
-    return "ieee"
+    return "tf32"
 
 
 def _tma_wanted(a: Tensor) -> bool:
     if TMA_MODE != "auto":
         return TMA_MODE == "on"
-    return a.is_cuda and torch.cuda.get_device_capability(a.device) >= (9, 0)
+    return _sm90(a)
 
 
 def _descriptors(a: Tensor, b: Tensor, c: Tensor, N: int, k_pad: int) -> tuple | None:
