@@ -1,13 +1,13 @@
 """Host time of the Triton backend's launch wrappers, the kernel launch itself left out.
 
-    python bench/bench_launcher.py [--rounds 9] [--steps 1000] [--triton-helpers]
+    python bench/bench_launcher.py [--rounds 9] [--steps 1000]
 
 Runs subspace_linear_forward_factored + subspace_linear_backward_factored (argument checks, output
 and scratch allocation, the schedule, descriptors where TMA applies, grid and argument assembly) on
 CPU tensors with the @triton.jit kernel replaced by a stub, so what is timed is attrspace's Python
-around a launch, not Triton's launcher or the GPU. Interleaved with one torch.mm of the same size as a
-yardstick. --triton-helpers times the same wrappers with triton.cdiv / triton.next_power_of_2 in place
-of the plain-integer helpers of kernels/_config.py (Triton 3.7's are constexpr functions).
+around a launch, not Triton's launcher or the GPU. Interleaved, in one run: the wrappers as they are,
+the same wrappers with triton.cdiv / triton.next_power_of_2 in place of the plain-integer helpers of
+kernels/_config.py (Triton 3.7's are constexpr functions), and one torch.mm of x V as a yardstick.
 Sets TRITON_INTERPRET=1 before importing the kernels (CPU tensors need it).
 """
 
@@ -41,22 +41,31 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--triton-helpers", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     kernels._fused_kernel = _NoLaunch()
-    if args.triton_helpers:
-        kernels.cdiv, kernels.next_power_of_2 = triton.cdiv, triton.next_power_of_2
+    helpers = {
+        "plain": (kernels.cdiv, kernels.next_power_of_2),
+        "triton": (triton.cdiv, triton.next_power_of_2),
+    }
     t = layer_inputs(T, D_IN, D_OUT, RANK, dtype=torch.float32, seed=0)
     x, w, b, M = t["x"], t["weight"], t["bias"], t["M"].float()
     U, V = t["U"].contiguous(), t["V"].contiguous()
     z, dy = torch.randn(T, RANK), torch.randn(T, D_OUT)
 
-    def wrappers():
-        kernels.subspace_linear_forward_factored(x, w, b, U, V, M, 1.5)
-        kernels.subspace_linear_backward_factored(dy, w, U, V, M, z, 1.5, True)
+    def wrappers(which: str):
+        def step():
+            kernels.cdiv, kernels.next_power_of_2 = helpers[which]
+            kernels.subspace_linear_forward_factored(x, w, b, U, V, M, 1.5)
+            kernels.subspace_linear_backward_factored(dy, w, U, V, M, z, 1.5, True)
 
-    steps = {"launch wrappers, fwd+bwd": wrappers, "one torch.mm": lambda: torch.mm(x, V)}
+        return step
+
+    steps = {
+        "wrappers, plain helpers": wrappers("plain"),
+        "wrappers, triton's": wrappers("triton"),
+        "one torch.mm": lambda: torch.mm(x, V),
+    }
     times: dict[str, list[float]] = {name: [] for name in steps}
     for step in steps.values():
         for _ in range(100):
@@ -68,8 +77,8 @@ def main(argv: list[str]) -> int:
                 step()
             times[name].append((time.perf_counter() - start) / args.steps * 1e6)
     mm = statistics.median(times["one torch.mm"])
-    helpers = "triton's" if args.triton_helpers else "plain"
-    print(f"torch {torch.__version__}, triton {triton.__version__}, {helpers} integer helpers")
+    kernels.cdiv, kernels.next_power_of_2 = helpers["plain"]
+    print(f"torch {torch.__version__}, triton {triton.__version__}, us per forward + backward")
     for name, values in times.items():
         med = statistics.median(values)
         print(f"{name:<26} {med:8.1f} us (best {min(values):.1f})  x{med / mm:5.1f} one mm")
