@@ -169,9 +169,8 @@ def _grad_m_part(
     g^T z is summed DM_ROWS tokens at a time, g read back (transposed) from side_ptr, this program's
     own stores, after the barrier. DM_PRECISION (_dm_precision) is "ieee" on sm_90 and in fp32:
     exact fp32 products on the FMA units, as the torch and CUDA backends' dM, a few registers at a
-    time (the whole tile at once spills); a TF32 MMA here, its accumulator started from zeros
-    outside a pipelined loop, makes Triton 3.6 serialise every wgmma of the kernel (ptxas C7515,
-    bench/RESULTS.md). "tf32" on sm_80, where mma.sync has no such pipeline to lose, as one
+    time (the whole tile at once spills); a TF32 MMA here, over the whole tile or in row chunks,
+    makes Triton 3.6 serialise every wgmma of the kernel (ptxas C7515, bench/RESULTS.md). "tf32" on sm_80, where mma.sync has no such pipeline to lose, as one
     product over the whole tile (exact products, or TF32 in row chunks, spill its bf16 128 x 128
     backward)."""
     offs_k = tl.arange(0, K_PAD)
