@@ -1,8 +1,14 @@
 """Under `torchrun --nproc_per_node=2` the pipeline spreads its jobs (LoRAs, fine-tuning, study arms)
 over two processes and gives what one process gives: every weight file byte for byte, every metric
-and study record equal but for timings. Runs the reduced study preset (every stage)."""
+and study record equal but for timings. Runs the reduced study preset (every stage).
+
+Metrics are float64 means over evaluation tensors; from byte-identical weights they have been seen to
+differ in the last bits of one value between the two runs (0.4426982443736503 against ...6304: a
+different summation order of the same numbers), so floats compare to 1e-12 relative, everything else
+exactly."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -34,6 +40,17 @@ def without_timings(obj):
     if isinstance(obj, list):
         return [without_timings(v) for v in obj]
     return obj
+
+
+def same(a, b) -> bool:
+    """a == b, floats to 1e-12 relative (see the module docstring)."""
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-12) or (math.isnan(a) and math.isnan(b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
 
 
 def files(root: Path, pattern: str) -> dict[str, Path]:
@@ -71,8 +88,9 @@ def test_two_ranks_give_the_same_results(runs, name):
     a, b = files(single, name), files(spread, name)
     assert a.keys() == b.keys() and a
     for key in a:
-        assert without_timings(json.loads(a[key].read_text())) == without_timings(
-            json.loads(b[key].read_text())
+        assert same(
+            without_timings(json.loads(a[key].read_text())),
+            without_timings(json.loads(b[key].read_text())),
         ), key
 
 
