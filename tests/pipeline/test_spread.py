@@ -2,10 +2,10 @@
 over two processes and gives what one process gives: every weight file byte for byte, every metric
 and study record equal but for timings. Runs the reduced study preset (every stage).
 
-Metrics are float64 means over evaluation tensors; from byte-identical weights they have been seen to
-differ in the last bits of one value between the two runs (0.4426982443736503 against ...6304: a
-different summation order of the same numbers), so floats compare to 1e-12 relative, everything else
-exactly."""
+Metrics and records are computed from the models' float32 outputs; from byte-identical weights one
+value has been seen to differ in its last bits between the two runs (abs_rel 0.4426982443736503
+against ...6304), so floats compare to 1e-6 relative (one float32 output rounded differently moves a
+metric by less; other weights or other samples move it by far more), everything else exactly."""
 
 import json
 import math
@@ -43,9 +43,9 @@ def without_timings(obj):
 
 
 def same(a, b) -> bool:
-    """a == b, floats to 1e-12 relative (see the module docstring)."""
+    """a == b, floats to 1e-6 relative (see the module docstring)."""
     if isinstance(a, float) and isinstance(b, float):
-        return math.isclose(a, b, rel_tol=1e-12) or (math.isnan(a) and math.isnan(b))
+        return math.isclose(a, b, rel_tol=1e-6) or (math.isnan(a) and math.isnan(b))
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
     if isinstance(a, list) and isinstance(b, list):
