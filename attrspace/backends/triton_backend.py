@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from attrspace.adapters import reference
-from attrspace.backends.ops import adapter_custom_ops
+from attrspace.backends.ops import adapter_custom_ops, factored_custom_ops
 from attrspace.linalg.orthonormalize import cholesky_qr
 
 _KERNELS = "attrspace.kernels.subspace_linear"
@@ -110,20 +110,13 @@ def backward(
 # The whole-layer entry points (functional.SubspaceLinearFn uses them when a backend has them): P and
 # Q are formed and dM is reduced inside the fused launches, so a forward is one launch and a backward
 # one more (plus autograd's `M.grad +=` when a gradient is already there).
-@torch.library.custom_op("attrspace::triton_subspace_forward_factored", mutates_args=())
-def _forward_factored_op(
+def _forward_factored_launch(
     x: Tensor, weight: Tensor, bias: Tensor | None, U: Tensor, V: Tensor, M: Tensor, scale: float
 ) -> tuple[Tensor, Tensor]:
     return _kernels().subspace_linear_forward_factored(x, weight, bias, U, V, M, scale)
 
 
-@_forward_factored_op.register_fake
-def _forward_factored_fake(x, weight, bias, U, V, M, scale):
-    return reference.empty_forward_outputs(x, weight, V)
-
-
-@torch.library.custom_op("attrspace::triton_subspace_backward_factored", mutates_args=())
-def _backward_factored_op(
+def _backward_factored_launch(
     dy: Tensor, weight: Tensor, U: Tensor, V: Tensor, M: Tensor, z: Tensor, scale: float,
     need_dx: bool,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
@@ -133,10 +126,9 @@ def _backward_factored_op(
     return dx, dm
 
 
-@_backward_factored_op.register_fake
-def _backward_factored_fake(dy, weight, U, V, M, z, scale, need_dx):
-    dx = reference.empty_backward_outputs(dy, weight, U, need_dx)[0]
-    return dx, M.new_empty(M.shape)
+_forward_factored_op, _backward_factored_op = factored_custom_ops(
+    "triton", _forward_factored_launch, _backward_factored_launch
+)
 
 
 def forward_factored(
@@ -146,7 +138,7 @@ def forward_factored(
     if torch.compiler.is_compiling():
         return _forward_factored_op(x, weight, bias, U, V, M, scale)
     # Eager: the launcher directly (a custom op's dispatch costs more host time than the launch).
-    return _kernels().subspace_linear_forward_factored(x, weight, bias, U, V, M, scale)
+    return _forward_factored_launch(x, weight, bias, U, V, M, scale)
 
 
 def backward_factored(
