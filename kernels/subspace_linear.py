@@ -191,7 +191,6 @@ def _grad_m_part(
         total = tl.zeros((K_PAD, K_PAD), dtype=tl.float32)
         for rb in range(0, n_row_blocks):
             total += tl.load(part_ptr + rb * K_PAD * K_PAD + square)
-        k_ok = offs_k < K
         tl.store(
             dm_ptr + offs_k[:, None] * K + offs_k[None, :],
             total * scale,
